@@ -1,0 +1,265 @@
+"""Deep Leakage from Gradients: recover private training data from a shared gradient.
+
+A client shares  g = dL(f_w(x), y)/dw  for private data (x, y). The attacker draws a dummy (x', y') and
+minimises the gradient distance
+
+    D(x', y') = sum_l || dL(f_w(x'), softmax(y'))/dw_l - g_l ||^2
+
+over the dummy; at D = 0 the dummy's gradient equals the shared one, and for this network that pins x' = x
+pixel for pixel (Zhu, Liu, Han, NeurIPS 2019). With label strategy `idlg` the label is read off the shared
+gradient first (Zhao et al., 2020) and only the image is optimised.
+
+Everything here is a pure function of arrays, so one attack, a `vmap` over many, or a sharded batch all run
+the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import jaxopt
+
+Params = Any  # a pytree of model parameters
+ApplyFn = Callable[[Params, jax.Array], jax.Array]  # (params, images NHWC) -> logits
+
+RUNNING, CONVERGED, MAX_STEPS, DIVERGED, STALLED = 0, 1, 2, 3, 4
+STATUS_NAMES = {RUNNING: "running", CONVERGED: "converged", MAX_STEPS: "max_steps", DIVERGED: "diverged",
+                STALLED: "stalled"}
+LABEL_STRATEGIES = ("joint", "idlg")
+
+
+def cross_entropy(logits: jax.Array, soft_labels: jax.Array) -> jax.Array:
+    """Soft-label cross entropy  mean_n sum_c -t_nc log softmax(z_n)_c  (the reference's loss)."""
+    return jnp.mean(jnp.sum(-soft_labels * jax.nn.log_softmax(logits), axis=-1))
+
+
+def parameter_gradient(apply_fn: ApplyFn, params: Params, images: jax.Array, soft_labels: jax.Array) -> Params:
+    """dL/dw for every parameter: what a federated client shares after one local step."""
+    return jax.grad(lambda p: cross_entropy(apply_fn(p, images), soft_labels))(params)
+
+
+def gradient_distance(dummy: dict, params: Params, shared_grads: Params, known_labels: jax.Array, apply_fn: ApplyFn):
+    """D(x', y') = sum over parameters of ||grad(x', y') - shared||^2.
+
+    `dummy` holds `images` and, when the label is optimised too, `label_logits` (entering as their
+    softmax); without them the `known_labels` (e.g. recovered by iDLG) are used.
+    """
+    labels = jax.nn.softmax(dummy["label_logits"]) if "label_logits" in dummy else known_labels
+    dummy_grads = parameter_gradient(apply_fn, params, dummy["images"], labels)
+    squared = jax.tree.map(lambda g, s: jnp.sum((g - s) ** 2), dummy_grads, shared_grads)
+    return sum(jax.tree.leaves(squared))
+
+
+def idlg_labels(last_weight_grad: jax.Array) -> jax.Array:
+    """iDLG: the true class of a single image is the output unit whose weight gradient sums negative.
+
+    With features h >= 0 (sigmoid outputs) and soft-label CE, dL/dW[:, c] = h (p_c - y_c): only the true
+    class has p_c - y_c < 0, so its column has the most negative sum. `last_weight_grad` is (in, classes).
+    """
+    return jnp.argmin(jnp.sum(last_weight_grad, axis=0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The attack loop: jaxopt LBFGS on D, run in chunks so that progress can be shown between them.
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+    """Settings of one attack, as plain data. The defaults are the measured best (README, 'Solver settings')."""
+
+    steps: int = 300  # reported steps, as the reference's 300 `optimizer.step` calls
+    iterations_per_step: int = 20  # LBFGS iterations per step (torch's max_iter)
+    label_strategy: str = "joint"
+    precision: str = "float64"
+    history_size: int = 100
+    linesearch: str = "backtracking"
+    max_linesearch_steps: int = 30
+    tolerance: float = 1e-7  # converged when D <= tolerance * ||shared gradient||^2 (~40 dB on CIFAR)
+    retries: int = 3  # fresh random starts after an attempt stalls or diverges
+    probe_steps: int = 50  # an attempt must have cut D by `probe_reduction` after this many steps...
+    probe_reduction: float = 1e-3  # ...or it counts as stalled
+
+    @property
+    def max_iterations(self) -> int:
+        return self.steps * self.iterations_per_step
+
+    @property
+    def dtype(self):
+        return jnp.float64 if self.precision == "float64" else jnp.float32
+
+
+class Problem(NamedTuple):
+    """One attack instance as arrays: what the attacker knows, plus where it starts."""
+
+    params: Params  # the model's weights (the attacker knows them: it is the server)
+    shared_grads: Params  # the gradient the client shared
+    known_labels: jax.Array  # (N, classes) labels used when they are not optimised
+    init: dict  # the first dummy: `images` (N,H,W,C) and, for `joint`, `label_logits` (N, classes)
+    key: jax.Array  # where retries draw their fresh dummies from
+
+    @property
+    def solver_args(self) -> tuple:
+        return self.params, self.shared_grads, self.known_labels
+
+
+class AttackState(NamedTuple):
+    dummy: dict
+    solver_state: NamedTuple
+    best_dummy: dict  # the lowest finite D seen in any attempt: what we return, whatever came after it
+    best_value: jax.Array
+    iterations: jax.Array  # LBFGS iterations over all attempts
+    status: jax.Array
+    attempt: jax.Array
+    attempt_start: jax.Array  # iteration at which the current attempt began
+    attempt_value: jax.Array  # D at the start of the current attempt
+
+
+def make_solver(apply_fn: ApplyFn, config: AttackConfig) -> jaxopt.LBFGS:
+    return jaxopt.LBFGS(
+        fun=lambda dummy, *args: gradient_distance(dummy, *args, apply_fn=apply_fn),
+        history_size=config.history_size,
+        linesearch=config.linesearch,
+        maxls=config.max_linesearch_steps,
+        maxiter=config.max_iterations,
+    )
+
+
+def init_state(solver: jaxopt.LBFGS, problem: Problem) -> AttackState:
+    solver_state = solver.init_state(problem.init, *problem.solver_args)
+    value = solver_state.value
+    status = jnp.where(jnp.isfinite(value), RUNNING, DIVERGED)
+    zero = jnp.zeros((), jnp.int32)
+    return AttackState(problem.init, solver_state, problem.init, value, zero, status, zero, zero, value)
+
+
+def advance(solver: jaxopt.LBFGS, config: AttackConfig, state: AttackState, problem: Problem,
+            until: jax.Array) -> AttackState:
+    """LBFGS iterations until `until` iterations are done in all, or the attempt stops.
+
+    An attempt stops when D converges (relative to the shared gradient's size), when it turns non-finite
+    (diverged), or, while retries remain, when it has not cut D by `probe_reduction` within
+    `probe_steps` steps (stalled: `retry` then starts it afresh).
+    """
+    target = config.tolerance * sum(jnp.sum(g**2) for g in jax.tree.leaves(problem.shared_grads))
+    probe_iteration = config.probe_steps * config.iterations_per_step
+
+    def running(s: AttackState):
+        return (s.status == RUNNING) & (s.iterations < until)
+
+    def iterate(s: AttackState) -> AttackState:
+        dummy, solver_state = solver.update(s.dummy, s.solver_state, *problem.solver_args)
+        value = solver_state.value
+        finite = jnp.isfinite(value) & jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(dummy)]))
+        improved = finite & (value < s.best_value)
+        best_dummy = jax.tree.map(lambda new, old: jnp.where(improved, new, old), dummy, s.best_dummy)
+        iterations = s.iterations + 1
+        stalled = ((iterations - s.attempt_start == probe_iteration) & (value > config.probe_reduction * s.attempt_value)
+                   & (s.attempt < config.retries))
+        status = jnp.select(
+            [~finite, value <= target, stalled, iterations >= config.max_iterations],
+            [DIVERGED, CONVERGED, STALLED, MAX_STEPS],
+            RUNNING,
+        )
+        best_value = jnp.where(improved, value, s.best_value)
+        return s._replace(dummy=dummy, solver_state=solver_state, best_dummy=best_dummy, best_value=best_value,
+                          iterations=iterations, status=status)
+
+    return jax.lax.while_loop(running, iterate, state)
+
+
+def retry(solver: jaxopt.LBFGS, config: AttackConfig, state: AttackState, problem: Problem) -> AttackState:
+    """Start a stalled or diverged attempt afresh from a new N(0, 1) dummy, while retries and budget remain.
+
+    Called between chunks rather than inside the loop, so that under `vmap` the fresh start is not
+    computed for every lane at every iteration.
+    """
+    failed = (state.status == STALLED) | (state.status == DIVERGED)
+    again = failed & (state.attempt < config.retries) & (state.iterations < config.max_iterations)
+    attempt = state.attempt + 1
+    keys = jax.random.split(jax.random.fold_in(problem.key, attempt), len(problem.init))
+    dummy = {name: jax.random.normal(k, x.shape, x.dtype) for k, (name, x) in zip(keys, sorted(problem.init.items()))}
+    fresh = solver.init_state(dummy, *problem.solver_args)
+    pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(again, a, b), new, old)  # noqa: E731
+    return state._replace(dummy=pick(dummy, state.dummy), solver_state=pick(fresh, state.solver_state),
+                          status=jnp.where(again, RUNNING, jnp.where(state.status == STALLED, MAX_STEPS, state.status)),
+                          attempt=jnp.where(again, attempt, state.attempt),
+                          attempt_start=jnp.where(again, state.iterations, state.attempt_start),
+                          attempt_value=jnp.where(again, fresh.value, state.attempt_value))
+
+
+def make_problem(apply_fn: ApplyFn, params: Params, images: jax.Array, labels: jax.Array, num_classes: int,
+                 config: AttackConfig, seed: int) -> Problem:
+    """Simulate the client (its shared gradient on `images` with integer `labels`) and draw the dummy.
+
+    The dummy image and label logits are N(0, 1) from `seed`, as in the reference.
+    """
+    dtype = config.dtype
+    params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
+    images = jnp.asarray(images, dtype)
+    shared_grads = parameter_gradient(apply_fn, params, images, jax.nn.one_hot(labels, num_classes, dtype=dtype))
+    key = jax.random.key(seed)
+    image_key, label_key = jax.random.split(key)
+    init = {"images": jax.random.normal(image_key, images.shape, dtype)}
+    if config.label_strategy == "joint":
+        init["label_logits"] = jax.random.normal(label_key, (len(images), num_classes), dtype)
+        known_labels = jnp.zeros((len(images), num_classes), dtype)
+    elif config.label_strategy == "idlg":
+        known_labels = jax.nn.one_hot(jnp.atleast_1d(idlg_labels(last_layer_weight_grad(shared_grads))), num_classes,
+                                      dtype=dtype)
+    else:
+        raise ValueError(f"unknown label strategy {config.label_strategy!r}; choose from {LABEL_STRATEGIES}")
+    return Problem(params, shared_grads, known_labels, init, key)
+
+
+def last_layer_weight_grad(grads: Params) -> jax.Array:
+    """The gradient of the final dense kernel (in, classes): the last 2-D leaf in parameter order."""
+    return [g for g in jax.tree.leaves(grads) if g.ndim == 2][-1]
+
+
+def predicted_labels(state: AttackState, problem: Problem) -> jax.Array:
+    """The attack's label guess: argmax of the dummy label, or the known (e.g. iDLG) label."""
+    labels = state.best_dummy.get("label_logits", problem.known_labels)
+    return jnp.argmax(labels, axis=-1)
+
+
+@dataclasses.dataclass
+class Attack:
+    """A compiled attack, jaxopt style: `init`, then `advance` in chunks of steps (retrying stalled starts)."""
+
+    apply_fn: ApplyFn
+    config: AttackConfig
+
+    def __post_init__(self):
+        solver, config = make_solver(self.apply_fn, self.config), self.config
+        self._init = jax.jit(lambda problem: init_state(solver, problem))
+        self._advance = jax.jit(lambda state, problem, until: retry(
+            solver, config, advance(solver, config, state, problem, until), problem))
+        self.compile_seconds = 0.0
+
+    def compile(self, problem: Problem) -> None:
+        """Compile ahead of time (or load from JAX's persistent cache), timing it."""
+        start = time.perf_counter()
+        state_shape = jax.eval_shape(self._init, problem)
+        self._init = self._init.lower(problem).compile()
+        self._advance = self._advance.lower(state_shape, problem, jnp.zeros((), jnp.int32)).compile()
+        self.compile_seconds = time.perf_counter() - start
+
+    def init(self, problem: Problem) -> AttackState:
+        return self._init(problem)
+
+    def advance(self, state: AttackState, problem: Problem, until_step: int) -> AttackState:
+        """Run until `until_step` steps are done in all (or the attack stops)."""
+        until = jnp.asarray(until_step * self.config.iterations_per_step, jnp.int32)
+        state = self._advance(state, problem, until)
+        while bool(state.status == RUNNING) and int(state.iterations) < until:  # a retry began mid-chunk
+            state = self._advance(state, problem, until)
+        return state
+
+
+def precision_scope(config: AttackConfig):
+    """Context in which to build, compile and run an attack: float64 needs JAX's x64 mode switched on."""
+    return jax.enable_x64(config.precision == "float64")

@@ -1,0 +1,21 @@
+"""How close a reconstruction is to the private image: MSE, PSNR and SSIM on images in [0, 1].
+
+PSNR and SSIM come from dm-pix. Reconstructions are clipped to [0, 1] first: the dummy is unconstrained
+while optimised, but an image is only ever shown or judged within the valid pixel range.
+"""
+
+from __future__ import annotations
+
+import dm_pix
+import jax.numpy as jnp
+import numpy as np
+
+
+def image_metrics(truth: np.ndarray, reconstruction: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-image `mse`, `psnr` (dB, 10 log10(1/mse)) and `ssim` for NHWC batches in [0, 1]."""
+    truth = jnp.asarray(truth, jnp.float32)
+    reconstruction = jnp.clip(jnp.asarray(reconstruction, jnp.float32), 0.0, 1.0)
+    mse = jnp.mean((truth - reconstruction) ** 2, axis=(1, 2, 3))
+    psnr = dm_pix.psnr(truth, reconstruction)
+    ssim = dm_pix.ssim(truth, reconstruction)
+    return {"mse": np.asarray(mse), "psnr": np.asarray(psnr), "ssim": np.asarray(ssim)}

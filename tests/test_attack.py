@@ -1,0 +1,101 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dlg_jax import attack as A
+from dlg_jax.models import LeNet, init_params
+
+
+def apply_fn_for(model):
+    return lambda p, x: model.apply({"params": p}, x)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny LeNet (8x8x1 input, 3 channels, 4 classes) in float64 for exact checks."""
+    with jax.enable_x64(True):
+        model = LeNet(num_classes=4, channels=3)
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), init_params(model, 0, (8, 8, 1)))
+        images = jax.random.uniform(jax.random.key(1), (2, 8, 8, 1), jnp.float64)
+        labels = jax.nn.softmax(jax.random.normal(jax.random.key(2), (2, 4), jnp.float64))
+    return model, params, images, labels
+
+
+def test_cross_entropy_is_the_reference_soft_label_loss():
+    logits = jnp.array([[1.0, 2.0, 0.5], [0.1, -1.0, 3.0]])
+    target = jnp.array([[0.2, 0.7, 0.1], [0.0, 0.0, 1.0]])
+    log_p = logits - jnp.log(jnp.sum(jnp.exp(logits), -1, keepdims=True))
+    expected = np.mean(np.sum(-np.asarray(target) * np.asarray(log_p), axis=1))
+    assert float(A.cross_entropy(logits, target)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_parameter_gradient_matches_finite_differences(tiny):
+    model, params, images, labels = tiny
+    with jax.enable_x64(True):
+        apply_fn = apply_fn_for(model)
+        grads = A.parameter_gradient(apply_fn, params, images, labels)
+        loss = lambda p: float(A.cross_entropy(apply_fn(p, images), labels))  # noqa: E731
+        rng = np.random.default_rng(0)
+        eps = 1e-6
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+            grad_leaf = np.asarray(dict(jax.tree_util.tree_flatten_with_path(grads)[0])[path])
+            for flat in rng.choice(leaf.size, size=3, replace=False):
+                idx = np.unravel_index(flat, leaf.shape)
+                bump = lambda s: jax.tree_util.tree_map_with_path(  # noqa: E731
+                    lambda q, x: x.at[idx].add(s) if q == path else x, params)
+                numeric = (loss(bump(eps)) - loss(bump(-eps))) / (2 * eps)
+                assert grad_leaf[idx] == pytest.approx(numeric, rel=1e-5, abs=1e-9), path
+
+
+def test_gradient_distance_is_zero_at_the_private_data_and_positive_elsewhere(tiny):
+    model, params, images, labels = tiny
+    with jax.enable_x64(True):
+        apply_fn = apply_fn_for(model)
+        shared = A.parameter_gradient(apply_fn, params, images, labels)
+        at_truth = A.gradient_distance({"images": images}, params, shared, labels, apply_fn)
+        assert float(at_truth) == 0.0
+        logits = jnp.log(labels)  # softmax(log t) = t
+        assert float(A.gradient_distance({"images": images, "label_logits": logits}, params, shared, None,
+                                         apply_fn)) < 1e-25
+        elsewhere = A.gradient_distance({"images": images + 0.1}, params, shared, labels, apply_fn)
+        assert float(elsewhere) > 1e-8
+
+
+def test_gradient_distance_gradient_matches_finite_differences(tiny):
+    model, params, images, labels = tiny
+    with jax.enable_x64(True):
+        apply_fn = apply_fn_for(model)
+        shared = A.parameter_gradient(apply_fn, params, images, labels)
+        dummy = {"images": images * 0.8 + 0.1, "label_logits": jnp.zeros((2, 4))}
+        objective = lambda d: A.gradient_distance(d, params, shared, None, apply_fn)  # noqa: E731
+        grad = jax.grad(objective)(dummy)
+        for key, idx in [("images", (0, 3, 4, 0)), ("images", (1, 7, 0, 0)), ("label_logits", (1, 2))]:
+            e = jnp.zeros_like(dummy[key]).at[idx].set(1e-6)
+            plus = float(objective({**dummy, key: dummy[key] + e}))
+            minus = float(objective({**dummy, key: dummy[key] - e}))
+            assert float(grad[key][idx]) == pytest.approx((plus - minus) / 2e-6, rel=1e-5, abs=1e-12)
+
+
+def test_idlg_label_rule_on_real_images_and_every_class(cifar100):
+    model = LeNet(num_classes=100)
+    params = init_params(model, 1234, (32, 32, 3))
+    apply_fn = apply_fn_for(model)
+    images = jnp.asarray(cifar100["images"][:6] / 255.0, jnp.float32)
+    for n, image in enumerate(images):
+        for label in (int(cifar100["labels"][n]), 0, 99, 7 * n + 3):
+            grads = A.parameter_gradient(apply_fn, params, image[None], jax.nn.one_hot(jnp.array([label]), 100))
+            assert int(A.idlg_labels(A.last_layer_weight_grad(grads))) == label
+
+
+def test_make_problem_shapes_for_both_label_strategies(cifar100):
+    model = LeNet(num_classes=100)
+    params = init_params(model, 1234, (32, 32, 3))
+    images = jnp.asarray(cifar100["images"][25:26] / 255.0)
+    labels = jnp.asarray(cifar100["labels"][25:26])
+    joint = A.make_problem(apply_fn_for(model), params, images, labels, 100, A.AttackConfig(precision="float32"), 0)
+    assert set(joint.init) == {"images", "label_logits"} and joint.init["label_logits"].shape == (1, 100)
+    idlg = A.make_problem(apply_fn_for(model), params, images, labels, 100,
+                          A.AttackConfig(precision="float32", label_strategy="idlg"), 0)
+    assert set(idlg.init) == {"images"} and int(jnp.argmax(idlg.known_labels[0])) == 84
+    np.testing.assert_array_equal(joint.init["images"], idlg.init["images"])  # same seed, same start

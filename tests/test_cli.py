@@ -1,0 +1,95 @@
+"""The command line as a user meets it: exit codes, files written, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import CIFAR100
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd=None, module="dlg_jax.run"):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DLG_JAX_CACHE_DIR": str(Path(cwd or ROOT) / ".xla-cache")}
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=env, timeout=600)
+
+
+def assert_one_line_error(proc, fragment):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and fragment in lines[0], lines[0]
+
+
+@pytest.mark.skipif(not CIFAR100.exists(), reason="shared data missing")
+def test_cli_short_run_writes_all_outputs(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("--data", CIFAR100, "--index", 25, "--steps", 20, "--label-strategy", "idlg", "--out", out,
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    printed = [line.split() for line in proc.stdout.splitlines() if line[:1].isdigit()]
+    assert [int(p[0]) for p in printed] == [0, 10]  # the objective every 10 steps, as the original
+    result = json.loads((out / "result.json").read_text())
+    for key in ("index", "label_true", "label_pred", "mse", "psnr", "ssim", "grad_distance", "steps", "evaluations",
+                "seconds", "compile_seconds", "status"):
+        assert key in result, key
+    assert result["index"] == 25 and result["label_true"] == 84 and result["label_pred"] == 84
+    assert result["status"] in ("converged", "max_steps") and 0 < result["steps"] <= 20
+    assert np.isfinite(result["grad_distance"]) and result["evaluations"] >= result["steps"]
+    for name in ("history.png", "reconstruction.png"):
+        with Image.open(out / name) as image:
+            assert image.size[0] > 200
+    assert not (out / "result.json.tmp").exists()
+
+
+@pytest.mark.skipif(not CIFAR100.exists(), reason="shared data missing")
+def test_cli_image_file_source(tmp_path):
+    image = tmp_path / "cat.png"
+    with np.load(CIFAR100) as npz:
+        Image.fromarray(npz["images"][3]).resize((64, 48)).save(image)
+    proc = run_cli("--image", image, "--label", 7, "--steps", 2, "--label-strategy", "idlg", "--out", tmp_path / "o",
+                   "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert result["label_true"] == 7 and result["label_pred"] == 7
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--steps", "0"], "--steps"),
+    (["--steps", "-3"], "--steps"),
+    (["--index", "50", "--data", str(CIFAR100)], "index 50 is out of range"),
+    (["--index", "-1", "--data", str(CIFAR100)], "index -1 is out of range"),
+    (["--data", "/nonexistent/x.npz"], "no such file"),
+    (["--image", "/nonexistent/x.png"], "no such file"),
+    (["--dataset", "imagenet"], "--dataset"),
+    (["--label-strategy", "guess"], "--label-strategy"),
+    (["--bogus"], "unrecognized arguments"),
+    (["--image", "x.png", "--data", "y.npz"], "exclusive"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, fragment):
+    out = tmp_path / "out"
+    proc = run_cli(*args, "--out", out, cwd=tmp_path)
+    assert_one_line_error(proc, fragment)
+    assert not out.exists()  # nothing half-written
+
+
+def test_cli_npz_without_labels(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, images=np.zeros((2, 32, 32, 3), np.uint8))
+    proc = run_cli("--data", bad, "--index", 0, "--out", tmp_path / "out", cwd=tmp_path)
+    assert_one_line_error(proc, "missing key(s) labels")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_unreadable_image(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    proc = run_cli("--image", bad, "--out", tmp_path / "out", cwd=tmp_path)
+    assert_one_line_error(proc, "not a readable image")
