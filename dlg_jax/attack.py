@@ -30,6 +30,7 @@ RUNNING, CONVERGED, MAX_STEPS, DIVERGED, STALLED = 0, 1, 2, 3, 4
 STATUS_NAMES = {RUNNING: "running", CONVERGED: "converged", MAX_STEPS: "max_steps", DIVERGED: "diverged",
                 STALLED: "stalled"}
 LABEL_STRATEGIES = ("joint", "idlg")
+OPTIMIZERS = ("lbfgs", "torch-lbfgs")
 
 
 def cross_entropy(logits: jax.Array, soft_labels: jax.Array) -> jax.Array:
@@ -74,14 +75,15 @@ class AttackConfig:
     steps: int = 300  # reported steps, as the reference's 300 `optimizer.step` calls
     iterations_per_step: int = 20  # LBFGS iterations per step (torch's max_iter)
     label_strategy: str = "joint"
+    optimizer: str = "lbfgs"  # jaxopt LBFGS; "torch-lbfgs": torch.optim.LBFGS's semantics (torch_lbfgs.py)
     precision: str = "float64"
     history_size: int = 100
     linesearch: str = "backtracking"
     max_linesearch_steps: int = 30
     tolerance: float = 1e-7  # converged when D <= tolerance * ||shared gradient||^2 (~40 dB on CIFAR)
     retries: int = 3  # fresh random starts after an attempt stalls or diverges
-    probe_steps: int = 50  # an attempt must have cut D by `probe_reduction` after this many steps...
-    probe_reduction: float = 1e-3  # ...or it counts as stalled
+    probe_steps: int = 25  # an attempt must have cut D by `probe_reduction` after this many steps...
+    probe_reduction: float = 1e-2  # ...or it counts as stalled
 
     @property
     def max_iterations(self) -> int:
@@ -116,6 +118,11 @@ class AttackState(NamedTuple):
     attempt: jax.Array
     attempt_start: jax.Array  # iteration at which the current attempt began
     attempt_value: jax.Array  # D at the start of the current attempt
+    earlier_evaluations: jax.Array  # objective evaluations spent by finished attempts
+
+    @property
+    def evaluations(self) -> jax.Array:
+        return self.earlier_evaluations + self.solver_state.num_fun_eval
 
 
 def make_solver(apply_fn: ApplyFn, config: AttackConfig) -> jaxopt.LBFGS:
@@ -133,7 +140,7 @@ def init_state(solver: jaxopt.LBFGS, problem: Problem) -> AttackState:
     value = solver_state.value
     status = jnp.where(jnp.isfinite(value), RUNNING, DIVERGED)
     zero = jnp.zeros((), jnp.int32)
-    return AttackState(problem.init, solver_state, problem.init, value, zero, status, zero, zero, value)
+    return AttackState(problem.init, solver_state, problem.init, value, zero, status, zero, zero, value, zero)
 
 
 def advance(solver: jaxopt.LBFGS, config: AttackConfig, state: AttackState, problem: Problem,
@@ -188,7 +195,8 @@ def retry(solver: jaxopt.LBFGS, config: AttackConfig, state: AttackState, proble
                           status=jnp.where(again, RUNNING, jnp.where(state.status == STALLED, MAX_STEPS, state.status)),
                           attempt=jnp.where(again, attempt, state.attempt),
                           attempt_start=jnp.where(again, state.iterations, state.attempt_start),
-                          attempt_value=jnp.where(again, fresh.value, state.attempt_value))
+                          attempt_value=jnp.where(again, fresh.value, state.attempt_value),
+                          earlier_evaluations=jnp.where(again, state.evaluations, state.earlier_evaluations))
 
 
 def make_problem(apply_fn: ApplyFn, params: Params, images: jax.Array, labels: jax.Array, num_classes: int,

@@ -133,7 +133,7 @@ def load_tfds(name: str, split: str, indices: Sequence[int], data_dir: str | Non
     try:
         try:  # already prepared (or mocked by tfds.testing.mock_data): no network needed
             source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-        except (NotImplementedError, AssertionError, FileNotFoundError):
+        except (NotImplementedError, AssertionError, FileNotFoundError, KeyError):
             if not _reachable(TFDS_DATASETS[name]["host"]):
                 raise UsageError(f"cannot download {name} with tensorflow-datasets (no network?): {OFFLINE_HINT}") from None
             source = tfds.data_source(name, split=split, data_dir=data_dir)

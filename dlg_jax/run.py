@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dlg_jax import data as data_lib
-from dlg_jax.attack import LABEL_STRATEGIES, STATUS_NAMES, AttackConfig
+from dlg_jax.attack import LABEL_STRATEGIES, OPTIMIZERS, STATUS_NAMES, AttackConfig
 from dlg_jax.cli import ArgumentParser, enable_compilation_cache, fail, positive_int
 from dlg_jax.errors import UsageError
 
@@ -42,6 +42,9 @@ def build_parser() -> ArgumentParser:
     att.add_argument("--label-strategy", default=defaults.label_strategy, choices=LABEL_STRATEGIES,
                      help="joint: optimise softmax(dummy logits) with the image (the paper); "
                           "idlg: read the label off the last layer's gradient, optimise the image only")
+    att.add_argument("--optimizer", default=defaults.optimizer, choices=OPTIMIZERS,
+                     help="lbfgs: jaxopt LBFGS with the measured settings (default); torch-lbfgs: the semantics of "
+                          "torch.optim.LBFGS as the reference uses it (20 iterations a step, no line search, all steps)")
     att.add_argument("--steps", type=positive_int, default=defaults.steps, help="steps (default 300, as the reference)")
     att.add_argument("--iterations-per-step", type=positive_int, default=defaults.iterations_per_step,
                      help=f"LBFGS iterations per step (default {defaults.iterations_per_step})")
@@ -96,6 +99,8 @@ def attack_images(images: np.ndarray, labels: np.ndarray, num_classes: int, conf
         if unknown.any():  # a client labels an unlabelled image as its model predicts it
             labels = np.where(unknown, np.asarray(jnp.argmax(apply_fn(params, pixels), -1)), labels)
         problem = make_problem(apply_fn, params, pixels, jnp.asarray(labels), num_classes, config, seed)
+        if config.optimizer == "torch-lbfgs":
+            return _torch_lbfgs_outcome(apply_fn, problem, config, labels, on_step, snapshot_every)
         attack = Attack(apply_fn, config)
         attack.compile(problem)
         start = time.perf_counter()
@@ -105,8 +110,8 @@ def attack_images(images: np.ndarray, labels: np.ndarray, num_classes: int, conf
             state = attack.advance(state, problem, step + 1)
             snapshots.append((step, np.asarray(state.dummy["images"])))
             if on_step:
-                on_step(dict(step=step, value=float(state.solver_state.value), evaluations=int(
-                    state.solver_state.num_fun_eval), best_images=np.asarray(state.best_dummy["images"])))
+                on_step(dict(step=step, value=float(state.solver_state.value), evaluations=int(state.evaluations),
+                             best_images=np.asarray(state.best_dummy["images"])))
         state = jax.block_until_ready(attack.advance(state, problem, config.steps))
         seconds = time.perf_counter() - start
         iterations = int(state.iterations)
@@ -119,11 +124,47 @@ def attack_images(images: np.ndarray, labels: np.ndarray, num_classes: int, conf
             attempts=int(state.attempt) + 1,
             iterations=iterations,
             steps=-(-iterations // config.iterations_per_step),
-            evaluations=int(state.solver_state.num_fun_eval),
+            evaluations=int(state.evaluations),
             seconds=seconds,
             compile_seconds=attack.compile_seconds,
             snapshots=snapshots,
         )
+
+
+def _torch_lbfgs_outcome(apply_fn, problem, config: AttackConfig, labels, on_step, snapshot_every: int) -> dict:
+    """The reference's optimiser: `config.steps` torch-LBFGS steps, all of them, as the published script runs."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from dlg_jax.attack import gradient_distance
+    from dlg_jax.torch_lbfgs import make_torch_lbfgs_runner
+
+    runner = make_torch_lbfgs_runner(functools.partial(gradient_distance, apply_fn=apply_fn), steps=config.steps,
+                                     keep_iterates=True, max_iter=config.iterations_per_step,
+                                     history_size=config.history_size)
+    start = time.perf_counter()
+    runner = runner.lower(problem.init, *problem.solver_args).compile()
+    compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    result = jax.block_until_ready(runner(problem.init, *problem.solver_args))
+    seconds = time.perf_counter() - start
+    iterates = np.asarray(result.iterates["images"])
+    snapshots = [(step, iterates[step]) for step in range(0, config.steps, snapshot_every)]
+    if on_step:  # after the fact: the whole run is one compiled program
+        for step, images in snapshots:
+            on_step(dict(step=step, value=float(result.values[min(step + 1, config.steps - 1)]),
+                         evaluations=int(result.evaluations[step]), best_images=images))
+    labels_pred = jnp.argmax(result.x.get("label_logits", problem.known_labels), axis=-1)
+    target = config.tolerance * sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(problem.shared_grads))
+    final = float(result.final_value)
+    status = ("converged" if float(result.value) <= target
+              else "diverged" if not np.isfinite(final) or final > float(result.values[0]) else "max_steps")
+    return dict(reconstruction=np.asarray(result.x["images"], np.float64), label_pred=np.asarray(labels_pred),
+                label_true=np.asarray(labels), grad_distance=float(result.value), status=status, attempts=1,
+                iterations=int(result.state.n_iter), steps=config.steps, evaluations=int(result.evaluations[-1]),
+                seconds=seconds, compile_seconds=compile_seconds, snapshots=snapshots)
 
 
 def write_outputs(out: Path, dataset: data_lib.Dataset, indices: Sequence[int], outcome: dict, config: AttackConfig,
@@ -163,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = parser.prog
     try:
         config = AttackConfig(steps=args.steps, iterations_per_step=args.iterations_per_step,
-                              label_strategy=args.label_strategy, precision=args.precision)
+                              label_strategy=args.label_strategy, optimizer=args.optimizer, precision=args.precision)
         dataset, indices = load_private_data(args)
         out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
         if out.exists() and not out.is_dir():

@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--label-strategy", default="joint", choices=("joint", "idlg"))
     p.add_argument("--steps", type=positive_int, default=AttackConfig.steps)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--precision", default=AttackConfig.precision, choices=("float64", "float32"))
     p.add_argument("--track", action="store_true", help="record evaluations to first reach 30 dB")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     rows_path = out / "attacks.jsonl"
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
     done = {r["index"] for r in rows}
-    config = AttackConfig(steps=args.steps, label_strategy=args.label_strategy)
+    config = AttackConfig(steps=args.steps, label_strategy=args.label_strategy, precision=args.precision)
     for index in tqdm([i for i in indices if i not in done], desc="attacks", unit="img"):
         truth = dataset.images[index : index + 1]
         first_hit = {}

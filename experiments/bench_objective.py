@@ -1,0 +1,99 @@
+"""Cost of one evaluation of the DLG objective and its gradient: FLOPs (XLA cost analysis) and time.
+
+    python experiments/bench_objective.py [--batch 1 8] [--repeats 7]
+
+Compares the convolution as written in dlg_jax (im2col by one gather + einsum) with `lax.conv` and with
+im2col by 25 strided slices, in float32 and float64, unbatched and under `vmap`, all in one process so the
+ratios are side by side. Prints min and median milliseconds per evaluation over repeats, and GFLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dlg_jax import attack, models  # noqa: E402
+
+
+def lax_conv(images, kernel, stride):
+    pad = kernel.shape[0] // 2
+    return jax.lax.conv_general_dilated(images, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def sliced_conv(images, kernel, stride):
+    kh, kw, c, features = kernel.shape
+    n, h, w, _ = images.shape
+    padded = jnp.pad(images, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
+    patches = jnp.stack([padded[:, a:a + stride * (out_h - 1) + 1:stride, b:b + stride * (out_w - 1) + 1:stride, :]
+                         for a in range(kh) for b in range(kw)], axis=3)
+    return jnp.einsum("nhwpc,pco->nhwo", patches, kernel.reshape(kh * kw, c, features))
+
+
+IMPLEMENTATIONS = {"gather (dlg_jax)": models.conv2d, "lax.conv": lax_conv, "25 slices": sliced_conv}
+
+
+def time_objective(conv, precision: str, batch: int, repeats: int, data: np.ndarray) -> tuple[float, float, float]:
+    original = models.conv2d
+    models.conv2d = conv
+    try:
+        with jax.enable_x64(precision == "float64"):
+            dtype = jnp.float64 if precision == "float64" else jnp.float32
+            model = models.LeNet(100)
+            params = jax.tree.map(lambda p: p.astype(dtype), models.init_params(model, 1234, (32, 32, 3)))
+            apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+            x = jnp.asarray(data[:1] / 255.0, dtype)
+            y = jax.nn.one_hot(jnp.array([3]), 100, dtype=dtype)
+            shared = attack.parameter_gradient(apply_fn, params, x, y)
+            objective = jax.value_and_grad(functools.partial(attack.gradient_distance, apply_fn=apply_fn))
+            dummies = {"images": jnp.asarray(data[1:1 + batch] / 255.0, dtype),
+                       "label_logits": jnp.zeros((batch, 1, 100), dtype)}
+            dummies["images"] = dummies["images"][:, None]
+            fn = jax.jit(jax.vmap(objective, in_axes=(0, None, None, None)))
+            compiled = fn.lower(dummies, params, shared, y).compile()
+            flops = compiled.cost_analysis().get("flops", float("nan"))
+            jax.block_until_ready(compiled(dummies, params, shared, y))
+            times = []
+            for _ in range(repeats):
+                n = max(5, 200 // batch)
+                start = time.perf_counter()
+                for _ in range(n):
+                    out = compiled(dummies, params, shared, y)
+                jax.block_until_ready(out)
+                times.append((time.perf_counter() - start) / n * 1e3)
+            return min(times), float(np.median(times)), flops
+    finally:
+        models.conv2d = original
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar100_train_0-49.npz"))
+    args = parser.parse_args(argv)
+    data = np.load(args.data)["images"]
+    print(f"devices: {jax.devices()}")
+    print("| conv | precision | batch | ms/eval min | ms/eval median | per attack (min/B) | MFLOP/eval | GFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for precision in ("float64", "float32"):
+        for batch in args.batch:
+            for name, conv in IMPLEMENTATIONS.items():
+                best, median, flops = time_objective(conv, precision, batch, args.repeats, data)
+                print(f"| {name} | {precision} | {batch} | {best:.3f} | {median:.3f} | {best / batch:.3f} | "
+                      f"{flops / batch / 1e6:.2f} | {flops / best / 1e6:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
