@@ -76,7 +76,7 @@ class AttackConfig:
     iterations_per_step: int = 20  # LBFGS iterations per step (torch's max_iter)
     label_strategy: str = "joint"
     optimizer: str = "lbfgs"  # jaxopt LBFGS; "torch-lbfgs": torch.optim.LBFGS's semantics (torch_lbfgs.py)
-    precision: str = "float64"
+    precision: str = "float32"
     history_size: int = 100
     linesearch: str = "backtracking"
     max_linesearch_steps: int = 30
@@ -84,6 +84,15 @@ class AttackConfig:
     retries: int = 3  # fresh random starts after an attempt stalls or diverges
     probe_steps: int = 25  # an attempt must have cut D by `probe_reduction` after this many steps...
     probe_reduction: float = 1e-2  # ...or it counts as stalled
+
+    def __post_init__(self):
+        for name, value, allowed in (("label_strategy", self.label_strategy, LABEL_STRATEGIES),
+                                     ("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("precision", self.precision, ("float32", "float64"))):
+            if value not in allowed:
+                raise ValueError(f"{name} {value!r}: choose from {', '.join(allowed)}")
+        if min(self.steps, self.iterations_per_step, self.history_size) <= 0:
+            raise ValueError("steps, iterations_per_step and history_size must be positive")
 
     @property
     def max_iterations(self) -> int:
@@ -188,11 +197,12 @@ def retry(solver: jaxopt.LBFGS, config: AttackConfig, state: AttackState, proble
     again = failed & (state.attempt < config.retries) & (state.iterations < config.max_iterations)
     attempt = state.attempt + 1
     keys = jax.random.split(jax.random.fold_in(problem.key, attempt), len(problem.init))
-    dummy = {name: jax.random.normal(k, x.shape, x.dtype) for k, (name, x) in zip(keys, sorted(problem.init.items()))}
+    dummy = {name: standard_normal(k, x.shape, x.dtype) for k, (name, x) in zip(keys, sorted(problem.init.items()))}
     fresh = solver.init_state(dummy, *problem.solver_args)
     pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(again, a, b), new, old)  # noqa: E731
     return state._replace(dummy=pick(dummy, state.dummy), solver_state=pick(fresh, state.solver_state),
-                          status=jnp.where(again, RUNNING, jnp.where(state.status == STALLED, MAX_STEPS, state.status)),
+                          status=jnp.where(again, jnp.where(jnp.isfinite(fresh.value), RUNNING, DIVERGED),
+                                           jnp.where(state.status == STALLED, MAX_STEPS, state.status)),
                           attempt=jnp.where(again, attempt, state.attempt),
                           attempt_start=jnp.where(again, state.iterations, state.attempt_start),
                           attempt_value=jnp.where(again, fresh.value, state.attempt_value),
@@ -211,9 +221,9 @@ def make_problem(apply_fn: ApplyFn, params: Params, images: jax.Array, labels: j
     shared_grads = parameter_gradient(apply_fn, params, images, jax.nn.one_hot(labels, num_classes, dtype=dtype))
     key = jax.random.key(seed)
     image_key, label_key = jax.random.split(key)
-    init = {"images": jax.random.normal(image_key, images.shape, dtype)}
+    init = {"images": standard_normal(image_key, images.shape, dtype)}
     if config.label_strategy == "joint":
-        init["label_logits"] = jax.random.normal(label_key, (len(images), num_classes), dtype)
+        init["label_logits"] = standard_normal(label_key, (len(images), num_classes), dtype)
         known_labels = jnp.zeros((len(images), num_classes), dtype)
     elif config.label_strategy == "idlg":
         known_labels = jax.nn.one_hot(jnp.atleast_1d(idlg_labels(last_layer_weight_grad(shared_grads))), num_classes,
@@ -221,6 +231,11 @@ def make_problem(apply_fn: ApplyFn, params: Params, images: jax.Array, labels: j
     else:
         raise ValueError(f"unknown label strategy {config.label_strategy!r}; choose from {LABEL_STRATEGIES}")
     return Problem(params, shared_grads, known_labels, init, key)
+
+
+def standard_normal(key: jax.Array, shape, dtype) -> jax.Array:
+    """N(0, 1) drawn in float32 whatever the precision, so float32 and float64 attacks start alike."""
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
 
 
 def last_layer_weight_grad(grads: Params) -> jax.Array:

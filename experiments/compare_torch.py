@@ -9,7 +9,7 @@ For every private image it runs three attacks on the same single-image gradient:
 - jax_torch_lbfgs: dlg_jax's objective with TorchLBFGS (dlg_jax.torch_lbfgs), the same weights and the same
   initial dummy as torch (transferred), the same number of outer steps: the same algorithm in JAX;
 - jax_default: `dlg_jax.run.attack_images` with the default AttackConfig (jaxopt LBFGS with a line search,
-  float64, Flax-initialised weights from --seed): what dlg_jax does out of the box.
+  Flax-initialised weights from --seed): what dlg_jax does out of the box.
 
 The first two run in --precision (float32 by default, as the published script). Each returns its best
 iterate (lowest finite gradient distance seen); the torch reference's final iterate is reported too.

@@ -99,3 +99,42 @@ def test_make_problem_shapes_for_both_label_strategies(cifar100):
                           A.AttackConfig(precision="float32", label_strategy="idlg"), 0)
     assert set(idlg.init) == {"images"} and int(jnp.argmax(idlg.known_labels[0])) == 84
     np.testing.assert_array_equal(joint.init["images"], idlg.init["images"])  # same seed, same start
+
+
+@pytest.mark.parametrize("strategy", ["joint", "idlg"])
+def test_end_to_end_attack_recovers_shared_images(cifar100, strategy):
+    """The real thing, with default settings: the demo image and two more reach PSNR >= 30 dB."""
+    from dlg_jax.metrics import image_metrics
+    from dlg_jax.run import attack_images
+
+    indices = [25, 0] if strategy == "joint" else [25, 6]
+    for index in indices:
+        images = cifar100["images"][index : index + 1]
+        outcome = attack_images(images, cifar100["labels"][index : index + 1], 100,
+                                A.AttackConfig(label_strategy=strategy))
+        psnr = image_metrics(images / 255.0, outcome["reconstruction"])["psnr"][0]
+        assert psnr >= 30.0, (index, psnr, outcome["status"])
+        assert outcome["status"] == "converged"
+        assert int(outcome["label_pred"][0]) == int(cifar100["labels"][index])
+        assert outcome["evaluations"] > outcome["iterations"] > 0
+
+
+def test_diverged_attempts_are_retried_and_never_returned():
+    """A non-finite objective stops the attempt; the returned dummy is the best finite one."""
+    with jax.enable_x64(False):
+        model = LeNet(num_classes=4, channels=3)
+        params = init_params(model, 0, (8, 8, 1))
+        apply_fn = apply_fn_for(model)
+        images = jax.random.uniform(jax.random.key(1), (1, 8, 8, 1))
+        config = A.AttackConfig(steps=4, iterations_per_step=5, precision="float32", retries=1)
+        problem = A.make_problem(apply_fn, params, images, jnp.array([2]), 4, config, seed=0)
+        # Poison the shared gradient for one parameter with inf: every D is then inf from the start.
+        poisoned = problem._replace(shared_grads=jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.inf),
+                                                               problem.shared_grads))
+        attack = A.Attack(apply_fn, config)
+        state = attack.advance(attack.init(poisoned), poisoned, config.steps)
+        assert A.STATUS_NAMES[int(state.status)] == "diverged" and int(state.attempt) == 1
+        assert jnp.all(state.best_dummy["images"] == poisoned.init["images"])  # nothing better than the start
+        healthy = attack.advance(attack.init(problem), problem, config.steps)
+        assert np.isfinite(float(healthy.best_value)) and float(healthy.best_value) < float(
+            A.gradient_distance(problem.init, *problem.solver_args, apply_fn))
