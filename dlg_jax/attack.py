@@ -6,8 +6,9 @@ minimises the gradient distance
     D(x', y') = sum_l || dL(f_w(x'), softmax(y'))/dw_l - g_l ||^2
 
 over the dummy; at D = 0 the dummy's gradient equals the shared one, and for this network that pins x' = x
-pixel for pixel (Zhu, Liu, Han, NeurIPS 2019). With label strategy `idlg` the label is read off the shared
-gradient first (Zhao et al., 2020) and only the image is optimised.
+pixel for pixel (Zhu, Liu, Han, NeurIPS 2019). A batch of N images shares the gradient of its mean loss and
+the dummy is a batch of N. With label strategy `idlg` the labels are read off the shared gradient first
+(iDLG, Zhao et al., 2020; LLG counts for batches, Wainakh et al., 2022) and only the images are optimised.
 
 Everything here is a pure function of arrays, so one attack, a `vmap` over many, or a sharded batch all run
 the same code.
@@ -55,13 +56,29 @@ def gradient_distance(dummy: dict, params: Params, shared_grads: Params, known_l
     return sum(jax.tree.leaves(squared))
 
 
-def idlg_labels(last_weight_grad: jax.Array) -> jax.Array:
-    """iDLG: the true class of a single image is the output unit whose weight gradient sums negative.
+def analytic_labels(last_weight_grad: jax.Array, n: int) -> jax.Array:
+    """The labels of a batch of n images, read off the last layer's weight gradient (n,).
 
-    With features h >= 0 (sigmoid outputs) and soft-label CE, dL/dW[:, c] = h (p_c - y_c): only the true
-    class has p_c - y_c < 0, so its column has the most negative sum. `last_weight_grad` is (in, classes).
+    With features h >= 0 (sigmoid outputs) and soft-label CE averaged over the batch, the column sums of
+    dL/dW (in, classes) are  s_c = (1/n) sum_i (p_ic - y_ic) |h_i|_1:  a class no image has gets s_c > 0, so
+    every class with s_c < 0 holds at least one label. For one image only the true class is negative and
+    this is iDLG (Zhao et al., 2020), exact. For a batch (LLG, Wainakh et al., 2022) each negative class
+    first takes one label; the rest go one at a time to the class whose sum is still most negative after
+    removing, per label it holds, the mean impact of one image  m = sum_c min(s_c, 0) / n.  The counts are
+    an estimate: exact when each image pushes its class alike, wrong when a class the model already
+    predicts strongly is in the batch (its s_c can be >= 0).
     """
-    return jnp.argmin(jnp.sum(last_weight_grad, axis=0))
+    sums = jnp.sum(last_weight_grad, axis=0)
+    impact = jnp.sum(jnp.minimum(sums, 0.0)) / n
+
+    def pick(counts, _):
+        unclaimed = (sums < 0) & (counts == 0)
+        label = jnp.where(unclaimed.any(), jnp.argmin(jnp.where(unclaimed, sums, jnp.inf)),
+                          jnp.argmin(sums - impact * counts))
+        return counts.at[label].add(1), label
+
+    _, labels = jax.lax.scan(pick, jnp.zeros(sums.shape, jnp.int32), None, length=n)
+    return labels
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,8 +243,8 @@ def make_problem(apply_fn: ApplyFn, params: Params, images: jax.Array, labels: j
         init["label_logits"] = standard_normal(label_key, (len(images), num_classes), dtype)
         known_labels = jnp.zeros((len(images), num_classes), dtype)
     elif config.label_strategy == "idlg":
-        known_labels = jax.nn.one_hot(jnp.atleast_1d(idlg_labels(last_layer_weight_grad(shared_grads))), num_classes,
-                                      dtype=dtype)
+        recovered = analytic_labels(last_layer_weight_grad(shared_grads), len(images))
+        known_labels = jax.nn.one_hot(recovered, num_classes, dtype=dtype)
     else:
         raise ValueError(f"unknown label strategy {config.label_strategy!r}; choose from {LABEL_STRATEGIES}")
     return Problem(params, shared_grads, known_labels, init, key)

@@ -19,3 +19,19 @@ def image_metrics(truth: np.ndarray, reconstruction: np.ndarray) -> dict[str, np
     psnr = dm_pix.psnr(truth, reconstruction)
     ssim = dm_pix.ssim(truth, reconstruction)
     return {"mse": np.asarray(mse), "psnr": np.asarray(psnr), "ssim": np.asarray(ssim)}
+
+
+def match_to_truth(truth: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
+    """The order of `reconstruction` that best lines it up with `truth`: `reconstruction[order]` matches.
+
+    A batched attack returns its images in any order. We pair them by a minimum-cost assignment on the
+    pairwise MSE (scipy's `linear_sum_assignment`, Hungarian method), which minimises the total error over
+    all one-to-one pairings, before judging each pair.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    truth = np.asarray(truth, np.float64).reshape(len(truth), -1)
+    recon = np.clip(np.asarray(reconstruction, np.float64), 0.0, 1.0).reshape(len(reconstruction), -1)
+    cost = ((truth[:, None, :] - recon[None, :, :]) ** 2).mean(-1)
+    rows, cols = linear_sum_assignment(cost)
+    return cols[np.argsort(rows)]

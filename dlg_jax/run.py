@@ -19,7 +19,7 @@ import numpy as np
 
 from dlg_jax import data as data_lib
 from dlg_jax.attack import LABEL_STRATEGIES, OPTIMIZERS, STATUS_NAMES, AttackConfig
-from dlg_jax.cli import ArgumentParser, enable_compilation_cache, fail, positive_int
+from dlg_jax.cli import ArgumentParser, enable_compilation_cache, fail, parse_indices, positive_int
 from dlg_jax.errors import UsageError
 
 SNAPSHOT_EVERY = 10  # steps between printed values and history snapshots, as in the original
@@ -30,18 +30,22 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="dlg_jax.run", description=__doc__.splitlines()[0])
     src = p.add_argument_group("private data (default: tfds cifar100 train)")
     src.add_argument("--index", type=int, default=25, help="index of the private image in the data (default 25)")
+    src.add_argument("--batch-size", type=positive_int, default=1,
+                     help="attack the mean gradient of N images: --index I .. I+N-1 (default 1)")
+    src.add_argument("--indices", default=None, help="the images of the batch instead: 3,7,9 or START:STOP")
     src.add_argument("--dataset", default="cifar100", choices=sorted(data_lib.TFDS_DATASETS),
                      help="tensorflow-datasets dataset; also fixes the model shape for --image (default cifar100)")
     src.add_argument("--split", default="train", help="tfds split (default train)")
     src.add_argument("--tfds-dir", default=None, help="tfds data_dir (default: tfds's, ~/tensorflow_datasets)")
     src.add_argument("--data", default=None, help="local npz with images (uint8 NHWC/NHW), labels[, label_names]; replaces tfds")
-    src.add_argument("--image", default=None, help="an image file (any format/size PIL reads), resized to the model input")
-    src.add_argument("--label", type=int, default=None,
-                     help="true label of --image (default: the model's own prediction, as a client would label it)")
+    src.add_argument("--image", nargs="+", default=None,
+                     help="image file(s) (any format/size/mode PIL reads), converted to the model input; several = a batch")
+    src.add_argument("--label", type=int, nargs="+", default=None,
+                     help="true label(s) of --image (default: the model's own prediction, as a client would label it)")
     att = p.add_argument_group("attack")
     att.add_argument("--label-strategy", default=defaults.label_strategy, choices=LABEL_STRATEGIES,
-                     help="joint: optimise softmax(dummy logits) with the image (the paper); "
-                          "idlg: read the label off the last layer's gradient, optimise the image only")
+                     help="joint: optimise softmax(dummy logits) with the images (the paper); idlg: read the labels "
+                          "off the last layer's gradient (exact for one image, counted for a batch), optimise images only")
     att.add_argument("--optimizer", default=defaults.optimizer, choices=OPTIMIZERS,
                      help="lbfgs: jaxopt LBFGS with the measured settings (default); torch-lbfgs: the semantics of "
                           "torch.optim.LBFGS as the reference uses it (20 iterations a step, no line search, all steps)")
@@ -57,22 +61,30 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def load_private_data(args) -> tuple[data_lib.Dataset, list[int]]:
-    """The dataset holding the private images and which of its indices to attack."""
+def load_private_data(args) -> tuple[data_lib.Dataset, list[int], list[int]]:
+    """The dataset, the positions of the private images in it, and their indices as the user names them."""
     if args.data and args.image:
         raise UsageError("--data and --image are exclusive: give one source")
     if args.image:
+        if args.label is not None and len(args.label) != len(args.image):
+            raise UsageError(f"--label: {len(args.label)} label(s) for {len(args.image)} image(s)")
         spec = data_lib.TFDS_DATASETS[args.dataset]
         names = [str(c) for c in range(spec["num_classes"])]
-        labels = None if args.label is None else [args.label]
-        return data_lib.load_images([args.image], spec["shape"], labels, names), [0]
+        dataset = data_lib.load_images(args.image, spec["shape"], args.label, names)
+        positions = list(range(len(dataset)))
+        return dataset, positions, positions
     if args.label is not None:
         raise UsageError("--label applies to --image only (datasets carry their labels)")
+    if args.indices is not None and args.batch_size != 1:
+        raise UsageError("give either --indices or --index with --batch-size")
+    wanted = parse_indices(args.indices) if args.indices is not None else list(
+        range(args.index, args.index + args.batch_size))
     if args.data:
         dataset = data_lib.load_npz(args.data)
-        dataset.check_indices([args.index])
-        return dataset, [args.index]
-    return data_lib.load_tfds(args.dataset, args.split, [args.index], args.tfds_dir), [0]
+        dataset.check_indices(wanted)
+        return dataset, wanted, wanted
+    dataset = data_lib.load_tfds(args.dataset, args.split, wanted, args.tfds_dir)
+    return dataset, list(range(len(wanted))), wanted
 
 
 def attack_images(images: np.ndarray, labels: np.ndarray, num_classes: int, config: AttackConfig, seed: int = 1234,
@@ -167,28 +179,39 @@ def _torch_lbfgs_outcome(apply_fn, problem, config: AttackConfig, labels, on_ste
                 seconds=seconds, compile_seconds=compile_seconds, snapshots=snapshots)
 
 
-def write_outputs(out: Path, dataset: data_lib.Dataset, indices: Sequence[int], outcome: dict, config: AttackConfig,
-                  args) -> dict:
-    """Save figures and result.json (written last, atomically: its presence means the run finished)."""
-    from dlg_jax.metrics import image_metrics
+def write_outputs(out: Path, dataset: data_lib.Dataset, positions: Sequence[int], indices: Sequence[int],
+                  outcome: dict, config: AttackConfig, args) -> dict:
+    """Save figures and result.json (written last, atomically: its presence means the run finished).
+
+    A batch comes back in any order: its reconstructions are matched to the private images first
+    (minimum-cost assignment on MSE), then judged pair by pair.
+    """
+    from dlg_jax.metrics import image_metrics, match_to_truth
     from dlg_jax.plots import save_history, save_reconstruction
 
-    truth = dataset.images[list(indices)] / 255.0
-    metrics = image_metrics(truth, outcome["reconstruction"])
+    truth = dataset.images[list(positions)] / 255.0
+    order = match_to_truth(truth, outcome["reconstruction"])
+    reconstruction, label_pred = outcome["reconstruction"][order], outcome["label_pred"][order]
+    metrics = image_metrics(truth, reconstruction)
     names = dataset.label_names
     name = lambda c: names[c] if 0 <= c < len(names) else str(c)  # noqa: E731
     per_image = [
         dict(index=int(i), label_true=int(t), label_pred=int(p), label_name_true=name(int(t)),
              label_name_pred=name(int(p)), mse=float(m), psnr=float(q), ssim=float(s))
-        for i, t, p, m, q, s in zip(indices, outcome["label_true"], outcome["label_pred"], metrics["mse"],
-                                    metrics["psnr"], metrics["ssim"])
+        for i, t, p, m, q, s in zip(indices, outcome["label_true"], label_pred, metrics["mse"], metrics["psnr"],
+                                    metrics["ssim"])
     ]
     out.mkdir(parents=True, exist_ok=True)
-    save_history(out / "history.png", outcome["snapshots"])
+    save_history(out / "history.png", [(step, images[order]) for step, images in outcome["snapshots"]])
     captions = [(f"truth #{r['index']}: {r['label_true']} {r['label_name_true']}",
                  f"DLG: {r['label_pred']} {r['label_name_pred']}, {r['psnr']:.1f} dB") for r in per_image]
-    save_reconstruction(out / "reconstruction.png", truth, outcome["reconstruction"], captions)
-    result = dict(per_image[0]) if len(per_image) == 1 else dict(images=per_image)
+    save_reconstruction(out / "reconstruction.png", truth, reconstruction, captions)
+    if len(per_image) == 1:
+        result = dict(per_image[0])
+    else:
+        result = dict(indices=[int(i) for i in indices], batch_size=len(per_image),
+                      **{k: float(np.mean(metrics[k])) for k in ("mse", "psnr", "ssim")},
+                      label_accuracy=multiset_accuracy(outcome["label_pred"], outcome["label_true"]), images=per_image)
     result.update({k: outcome[k] for k in ("grad_distance", "steps", "iterations", "evaluations", "seconds",
                                            "compile_seconds", "status", "attempts")})
     result.update(source=dataset.source, seed=args.seed, model_seed=args.model_seed, config=dataclasses.asdict(config))
@@ -198,6 +221,14 @@ def write_outputs(out: Path, dataset: data_lib.Dataset, indices: Sequence[int], 
     return result
 
 
+def multiset_accuracy(predicted: Sequence[int], true: Sequence[int]) -> float:
+    """Fraction of the batch's labels recovered, as multisets (order-free, repeats counted)."""
+    from collections import Counter
+
+    hits = Counter(int(p) for p in predicted) & Counter(int(t) for t in true)
+    return sum(hits.values()) / len(true)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -205,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = AttackConfig(steps=args.steps, iterations_per_step=args.iterations_per_step,
                               label_strategy=args.label_strategy, optimizer=args.optimizer, precision=args.precision)
-        dataset, indices = load_private_data(args)
+        dataset, positions, indices = load_private_data(args)
         out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out}: exists and is not a directory")
@@ -217,14 +248,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.quiet:
             print(f"{progress['step']} {progress['value']:.4f}", flush=True)
 
-    images = dataset.images[indices]
-    outcome = attack_images(images, dataset.labels[indices], dataset.num_classes, config, args.seed, args.model_seed,
-                            on_step=show)
-    shown = [int(i) for i in indices] if not args.image else [args.index]
-    result = write_outputs(out, dataset, shown if args.data else indices, outcome, config, args)
-    summary = result if "psnr" in result else result["images"][0]
-    print(f"{outcome['status']}: PSNR {summary['psnr']:.2f} dB, label {summary['label_pred']} (true "
-          f"{summary['label_true']}), {outcome['seconds']:.2f} s + {outcome['compile_seconds']:.2f} s compile, "
+    outcome = attack_images(dataset.images[positions], dataset.labels[positions], dataset.num_classes, config,
+                            args.seed, args.model_seed, on_step=show)
+    result = write_outputs(out, dataset, positions, indices, outcome, config, args)
+    labels = (f"label {result['label_pred']} (true {result['label_true']})" if "label_pred" in result
+              else f"labels {100 * result['label_accuracy']:.0f}% right")
+    print(f"{outcome['status']}: PSNR {result['psnr']:.2f} dB{' (batch mean)' if 'images' in result else ''}, "
+          f"{labels}, {outcome['seconds']:.2f} s + {outcome['compile_seconds']:.2f} s compile, "
           f"{outcome['evaluations']} evaluations -> {out}")
     return 0
 

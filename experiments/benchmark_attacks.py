@@ -23,28 +23,13 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dlg_jax.attack import AttackConfig  # noqa: E402
-from dlg_jax.cli import ArgumentParser, fail, positive_int  # noqa: E402
+from dlg_jax.cli import ArgumentParser, fail, parse_indices, positive_int  # noqa: E402
 from dlg_jax.data import load_npz  # noqa: E402
 from dlg_jax.errors import UsageError  # noqa: E402
 from dlg_jax.metrics import image_metrics  # noqa: E402
 from dlg_jax.run import attack_images  # noqa: E402
 
 SUCCESS_DB = 30.0
-
-
-def parse_range(text: str) -> list[int]:
-    """'0:50' (a Python range), '3,7,9', or '25'."""
-    try:
-        if ":" in text:
-            start, stop = (int(x) for x in text.split(":"))
-            indices = list(range(start, stop))
-        else:
-            indices = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--indices {text!r}: expected start:stop or a comma list of integers") from None
-    if not indices:
-        raise UsageError(f"--indices {text!r}: empty range")
-    return indices
 
 
 def summarise(rows: list[dict]) -> str:
@@ -85,7 +70,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         dataset = load_npz(args.data)
-        indices = parse_range(args.indices)
+        indices = parse_indices(args.indices)
         dataset.check_indices(indices)
     except UsageError as error:
         return fail(p.prog, error)

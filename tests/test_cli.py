@@ -72,12 +72,31 @@ def test_cli_image_file_source(tmp_path):
     (["--label-strategy", "guess"], "--label-strategy"),
     (["--bogus"], "unrecognized arguments"),
     (["--image", "x.png", "--data", "y.npz"], "exclusive"),
+    (["--data", str(CIFAR100), "--indices", "48:52"], "index 50 is out of range"),
+    (["--data", str(CIFAR100), "--indices", "5:3"], "empty range"),
+    (["--data", str(CIFAR100), "--indices", "a,b"], "--indices"),
+    (["--data", str(CIFAR100), "--indices", "1,2", "--batch-size", "2"], "either --indices or --index"),
+    (["--data", str(CIFAR100), "--batch-size", "0"], "--batch-size"),
+    (["--image", "a.png", "b.png", "--label", "3"], "1 label(s) for 2 image(s)"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, fragment):
     out = tmp_path / "out"
     proc = run_cli(*args, "--out", out, cwd=tmp_path)
     assert_one_line_error(proc, fragment)
     assert not out.exists()  # nothing half-written
+
+
+@pytest.mark.skipif(not CIFAR100.exists(), reason="shared data missing")
+def test_cli_batch_writes_per_image_rows_and_means(tmp_path):
+    out = tmp_path / "batch"
+    proc = run_cli("--data", CIFAR100, "--indices", "3,9", "--steps", 2, "--label-strategy", "idlg", "--out", out,
+                   "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["indices"] == [3, 9] and result["batch_size"] == 2 and len(result["images"]) == 2
+    assert [r["index"] for r in result["images"]] == [3, 9]
+    assert result["label_accuracy"] == 1.0  # analytic batch labels
+    assert result["psnr"] == pytest.approx(np.mean([r["psnr"] for r in result["images"]]), rel=1e-6)
 
 
 def test_cli_npz_without_labels(tmp_path):

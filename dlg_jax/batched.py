@@ -1,0 +1,550 @@
+"""Many DLG attacks in one compiled program, on every local device: the engine under `dlg_jax.sweep`.
+
+A batch of independent attacks lives in *lanes*: arrays with a leading lane axis, sharded over a 1-D device
+mesh (`jax.sharding`), each device running its own lanes with `shard_map` (no communication: the attacks
+are independent). The host refills lanes whose attack has finished with new attacks between chunks, so a
+sweep of thousands of attacks is one compiled program called over and over.
+
+Why not simply `vmap` `attack.advance`? That is `NaiveEngine` below, and on CPU it made every attack 4-7x
+slower than running it alone. `vmap` of a `while_loop` whose condition differs per lane runs the loop until
+the *last* lane is done and then `select`s every carried array (masking the finished lanes), so:
+
+1. jaxopt's LBFGS iteration contains the backtracking line search, itself a `while_loop`: under `vmap`
+   every LBFGS iteration costs the *longest* line search of the batch. From N(0, 1) starts line searches of
+   25-30 trials are common while the mean is ~5, so a batch of 32 did 2.5x the evaluations it needed.
+2. Each iteration of the vmapped outer loop selects the whole carry, 100-pair LBFGS histories included
+   (5 MB per float64 lane), and the ring-buffer reads/writes at a per-lane position become gathers and
+   scatters over it.
+3. The lanes that finish early (converged, or a cheap trajectory) idle until the whole batch is done.
+
+`FlatEngine` runs the same algorithm (jaxopt's LBFGS with its strong-Wolfe backtracking line search, and
+`attack.advance`/`retry`'s best-iterate, stall, divergence and retry rules) as a flat state machine in which
+*one loop trip is one objective evaluation for every lane*: a lane is either trying a line-search step or
+(re)starting an attempt, and when its trial is accepted it completes the LBFGS iteration and computes its next
+direction in the same trip. No lane waits for another's line search; the two-loop recursion runs only for
+the lanes that need a new direction (compacted, so a lane that does not need one costs nothing); the history
+is written with a row scatter; retries draw their fresh start under a `cond` (rarely taken); and finished
+lanes are refilled by the host. Its arithmetic is jaxopt's (the same helper functions), so each lane follows
+the trajectory a lone `attack.Attack` takes, to float rounding (tests/test_sweep.py checks it).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jaxopt._src.lbfgs import compute_gamma
+from jaxopt._src.linesearch_util import _init_stepsize
+from jaxopt.tree_util import tree_add_scalar_mul, tree_scalar_mul, tree_sub, tree_vdot_real
+
+from dlg_jax import attack as A
+
+AXIS = "lanes"  # the mesh axis the lane axis is sharded over
+RESTART_STREAM = 0x5EED  # restarts draw their seeds from fold_in(key(seed), RESTART_STREAM)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Problems: one (image, seed, restart) per lane.
+
+
+def restart_seed(seed: jax.Array, restart: jax.Array) -> jax.Array:
+    """The seed `attack.make_problem` gets for restart `restart` of the attack on one image with `seed`.
+
+    Restart 0 is `seed` itself, so a one-restart sweep repeats `dlg_jax.run --seed`. Later restarts get a
+    31-bit seed drawn from a separate stream, fold_in(key(seed), RESTART_STREAM): the retries of an attempt
+    already draw from fold_in(key(seed), attempt), and a restart must not start where a retry would.
+    Going through `make_problem` (rather than drawing the start here) keeps one recipe for every start.
+    """
+    stream = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), RESTART_STREAM), restart)
+    derived = (jax.random.bits(stream, dtype=jnp.uint32) >> 1).astype(jnp.int32)
+    return jnp.where(restart == 0, seed, derived)
+
+
+def build_problem(apply_fn, params, config: A.AttackConfig, num_classes: int, image: jax.Array, label: jax.Array,
+                  seed: jax.Array, restart: jax.Array) -> tuple[A.Problem, jax.Array]:
+    """The attack on one uint8 image (H, W, C), as `dlg_jax.run` sets it up, for restart `restart`.
+
+    Returns the problem (params None: lanes share them; `key` as raw key data, which every transform carries)
+    and the convergence target of `attack.advance`.
+    """
+    pixels = jnp.asarray(image, config.dtype)[None] / 255.0
+    problem = A.make_problem(apply_fn, params, pixels, label[None], num_classes, config, restart_seed(seed, restart))
+    target = config.tolerance * sum(jnp.sum(g**2) for g in jax.tree.leaves(problem.shared_grads))
+    return problem._replace(params=None, key=jax.random.key_data(problem.key)), target
+
+
+def _fresh_dummy(key_data: jax.Array, attempt: jax.Array, init: dict) -> dict:
+    """The N(0, 1) start of retry `attempt`, drawn exactly as `attack.retry` draws it."""
+    keys = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(key_data), attempt), len(init))
+    return {name: A.standard_normal(k, x.shape, x.dtype) for k, (name, x) in zip(keys, sorted(init.items()))}
+
+
+def _select(mask: jax.Array, new, old):
+    """Per-lane `where` over pytrees: lanes where `mask` take `new`. `mask` is (lanes,)."""
+    return jax.tree.map(lambda a, b: jnp.where(mask.reshape(mask.shape + (1,) * (b.ndim - 1)), a, b), new, old)
+
+
+def _tree_where(flag: jax.Array, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The flat engine.
+
+
+class Lanes(NamedTuple):
+    """Everything about a batch of attacks, lane axis first. Fields mirror jaxopt's LbfgsState, the line
+    search in progress and `attack.AttackState`."""
+
+    occupied: jax.Array  # bool: the lane holds an attack
+    shared_grads: Any
+    known_labels: jax.Array
+    init: dict
+    key: jax.Array  # raw key data of the attack
+    target: jax.Array  # converged when D <= target
+    # LBFGS
+    x: dict  # the current iterate
+    value: jax.Array  # D(x)
+    grad: dict  # dD/dx
+    s_history: dict  # (lanes, history, ...) ring buffers; slots >= lbfgs_iter (mod history) are stale
+    y_history: dict
+    rho_history: jax.Array
+    gamma: jax.Array
+    lbfgs_iter: jax.Array  # LBFGS iterations of this attempt: ring position, and how many slots are valid
+    stepsize: jax.Array  # the last accepted step size (jaxopt's state.stepsize)
+    # the line search in progress
+    direction: dict
+    slope: jax.Array  # grad . direction
+    trial: jax.Array  # step size of the next trial
+    ls_iter: jax.Array  # trials done in this line search
+    fresh: jax.Array  # bool: the next evaluation (re)starts the attempt at x instead of trying a step
+    # the attack
+    best_dummy: dict
+    best_value: jax.Array
+    iterations: jax.Array
+    status: jax.Array
+    attempt: jax.Array
+    attempt_start: jax.Array
+    attempt_value: jax.Array
+    num_fun_eval: jax.Array  # evaluations of this attempt
+    earlier_evaluations: jax.Array
+
+    @property
+    def live(self) -> jax.Array:
+        return self.occupied & (self.status == A.RUNNING)
+
+
+def _lane_axes(tree):
+    return jax.tree.map(lambda _: P(AXIS), tree)
+
+
+class _EngineBase:
+    """What both engines share: problems, the device mesh, compilation and the host-facing calls.
+
+    `fill(lanes, mask, images, labels, seeds, restarts)` starts new attacks in the masked lanes,
+    `run(lanes, max_trips, min_live)` advances them (stopping early once fewer than `min_live` lanes of a
+    device are still running) and `harvest(lanes)` returns their outcome as numpy arrays.
+    """
+
+    def __init__(self, apply_fn, params, config: A.AttackConfig, num_classes: int, image_shape: Sequence[int],
+                 devices: Sequence[jax.Device] | None = None):
+        self.apply_fn, self.params, self.config = apply_fn, params, config
+        self.num_classes, self.image_shape = num_classes, tuple(image_shape)
+        self.solver = A.make_solver(apply_fn, config)
+        self.devices = list(devices or jax.local_devices())
+        self.mesh = Mesh(np.array(self.devices), (AXIS,))
+        self.lane_sharding = NamedSharding(self.mesh, P(AXIS))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.params = jax.device_put(params, self.replicated)  # every device holds the (shared) model
+        self._compiled: dict[int, dict] = {}
+
+    # -- to be provided by an engine: per-shard functions
+    def _blank(self, batch: int):
+        raise NotImplementedError
+
+    def _fill(self, lanes, mask, images, labels, seeds, restarts, params):
+        raise NotImplementedError
+
+    def _run(self, lanes, params, max_trips, min_live):
+        raise NotImplementedError
+
+    def _harvest(self, lanes) -> dict:
+        raise NotImplementedError
+
+    # -- shared
+    def _problems(self, images, labels, seeds, restarts, params):
+        build = functools.partial(build_problem, self.apply_fn, params, self.config, self.num_classes)
+        return jax.vmap(build)(images, labels, seeds, restarts)
+
+    def lane_count(self, wanted: int) -> int:
+        """`wanted` rounded up to a multiple of the device count (every device gets the same number of lanes)."""
+        n = len(self.devices)
+        return max(n, -(-wanted // n) * n)
+
+    def compile(self, batch: int) -> dict:
+        """Compile (or fetch) the programs for `batch` lanes; abstractly, so nothing of that size is allocated.
+
+        The returned dict has the callables and `bytes`: XLA's estimate of the memory one `run` needs per
+        device (arguments + temporaries; the lanes are donated, so outputs reuse them).
+        """
+        if batch in self._compiled:
+            return self._compiled[batch]
+        shard = lambda f, ins, outs: jax.shard_map(f, mesh=self.mesh, in_specs=ins, out_specs=outs,  # noqa: E731
+                                                   check_vma=False)
+        lanes_shape = jax.eval_shape(functools.partial(self._blank, batch))
+        lane_spec = _lane_axes(lanes_shape)
+        param_spec = jax.tree.map(lambda _: P(), self.params)
+        blank = jax.jit(functools.partial(self._blank, batch), out_shardings=jax.tree.map(
+            lambda _: self.lane_sharding, lanes_shape))
+        fill = jax.jit(shard(self._fill, (lane_spec, P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), param_spec),
+                             lane_spec), donate_argnums=0)
+        run = jax.jit(shard(self._run, (lane_spec, param_spec, P(), P()), (lane_spec, P(AXIS))), donate_argnums=0)
+        harvest = jax.jit(shard(self._harvest, (lane_spec,), P(AXIS)))
+        scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
+        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.lane_sharding),
+                                lanes_shape)
+        params_abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=self.replicated),
+                                       self.params)
+        run = run.lower(abstract, params_abstract, scalar, scalar).compile()
+        memory = run.memory_analysis()
+        need = None
+        if memory is not None:
+            need = memory.argument_size_in_bytes + memory.temp_size_in_bytes
+        cost = run.cost_analysis() or {}
+        self._compiled[batch] = dict(blank=blank, fill=fill, run=run, harvest=harvest, bytes=need,
+                                     state_bytes=sum(math.prod(s.shape) * s.dtype.itemsize
+                                                     for s in jax.tree.leaves(lanes_shape)),
+                                     flops=cost.get("flops"))
+        return self._compiled[batch]
+
+    def fill(self, programs: dict, lanes, mask, images, labels, seeds, restarts):
+        put = lambda a: jax.device_put(np.asarray(a), self.lane_sharding)  # noqa: E731
+        return programs["fill"](lanes, put(mask), put(images), put(labels), put(seeds), put(restarts), self.params)
+
+    def run(self, programs: dict, lanes, max_trips: int, min_live: int):
+        """Advance the lanes by at most `max_trips` trips; returns (lanes, trips done per device)."""
+        put = lambda v: jax.device_put(np.int32(v), self.replicated)  # noqa: E731
+        return programs["run"](lanes, self.params, put(max_trips), put(min_live))
+
+    def harvest(self, programs: dict, lanes) -> dict:
+        return jax.device_get(programs["harvest"](lanes))
+
+    def _outcome(self, best_dummy, known_labels, best_value, status, attempt, iterations, evaluations, live, occupied):
+        labels = best_dummy.get("label_logits", known_labels)
+        return dict(images=best_dummy["images"][:, 0], label_pred=jnp.argmax(labels[:, 0], axis=-1),
+                    grad_distance=best_value, status=status, attempts=attempt + 1, iterations=iterations,
+                    evaluations=evaluations, live=live, occupied=occupied)
+
+
+class FlatEngine(_EngineBase):
+    """jaxopt's LBFGS + backtracking line search, one objective evaluation per lane per loop trip."""
+
+    def __init__(self, *args, direction_block: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        config, solver = self.config, self.solver
+        ls = solver.linesearch_solver
+        if config.optimizer != "lbfgs" or config.linesearch != "backtracking" or ls.condition != "strong-wolfe":
+            raise ValueError("FlatEngine runs jaxopt LBFGS with the strong-Wolfe backtracking line search only "
+                             f"(optimizer {config.optimizer!r}, linesearch {config.linesearch!r}): use NaiveEngine")
+        self.history = solver.history_size
+        self.ls = dict(c1=ls.c1, c2=ls.c2, decrease=ls.decrease_factor, tol=ls.tol, maxls=ls.maxiter,
+                       max_stepsize=ls.max_stepsize)
+        self.direction_block = direction_block
+        self._value_and_grad = jax.value_and_grad(solver.fun)
+
+    # ---- lane creation
+    def _blank(self, batch: int) -> Lanes:
+        problem, target = jax.eval_shape(
+            lambda: self._problems(jnp.zeros((1, *self.image_shape), jnp.uint8), jnp.zeros((1,), jnp.int32),
+                                   jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32), self.params))
+        one = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), (problem, target))
+        lane = self._start(*one)
+        history = lambda x: jax.tree.map(lambda a: jnp.zeros((self.history, *a.shape), a.dtype), x)  # noqa: E731
+        lane = lane._replace(s_history=history(lane.x), y_history=history(lane.x), occupied=jnp.zeros((), bool))
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (batch, *a.shape)), lane)
+
+    def _start(self, problem: A.Problem, target: jax.Array) -> Lanes:
+        """A lane about to start `problem`, its first evaluation pending; without histories (None): a lane
+        keeps its history buffers from attack to attack (stale slots are never read: `lbfgs_iter` counts the
+        valid ones)."""
+        dtype = target.dtype
+        zero_i = jnp.zeros((), jnp.int32)
+        zero_x = jax.tree.map(jnp.zeros_like, problem.init)
+        return Lanes(
+            occupied=jnp.ones((), bool), shared_grads=problem.shared_grads, known_labels=problem.known_labels,
+            init=problem.init, key=problem.key, target=target,
+            x=problem.init, value=jnp.zeros((), dtype), grad=zero_x,
+            s_history=None, y_history=None,
+            rho_history=jnp.zeros((self.history,), dtype), gamma=jnp.ones((), dtype), lbfgs_iter=zero_i,
+            stepsize=jnp.asarray(self.ls["max_stepsize"], dtype),
+            direction=zero_x, slope=jnp.zeros((), dtype), trial=jnp.zeros((), dtype), ls_iter=zero_i,
+            fresh=jnp.ones((), bool),
+            best_dummy=problem.init, best_value=jnp.asarray(jnp.inf, dtype), iterations=zero_i,
+            status=jnp.asarray(A.RUNNING, jnp.int32), attempt=zero_i, attempt_start=zero_i,
+            attempt_value=jnp.zeros((), dtype), num_fun_eval=zero_i, earlier_evaluations=zero_i)
+
+    def _fill(self, lanes: Lanes, mask, images, labels, seeds, restarts, params) -> Lanes:
+        problems, targets = self._problems(images, labels, seeds, restarts, params)
+        started = jax.vmap(self._start)(problems, targets)
+        keep = ("s_history", "y_history")  # never rewritten whole: 5 MB a lane
+        return Lanes(**{f: getattr(lanes, f) if f in keep else _select(mask, getattr(started, f), getattr(lanes, f))
+                        for f in Lanes._fields})
+
+    # ---- one trip: one evaluation per lane
+    def _run(self, lanes: Lanes, params, max_trips, min_live):
+        def going(carry):
+            trips, lanes = carry
+            return (trips < max_trips) & (jnp.sum(lanes.live) >= jnp.maximum(min_live, 1))
+
+        def trip(carry):
+            trips, lanes = carry
+            return trips + 1, self._trip(lanes, params)
+
+        trips, lanes = jax.lax.while_loop(going, trip, (jnp.zeros((), jnp.int32), lanes))
+        return lanes, trips[None]
+
+    def _trip(self, lanes: Lanes, params) -> Lanes:
+        live = lanes.live
+        point = jax.vmap(lambda l: _tree_where(l.fresh, l.x, tree_add_scalar_mul(l.x, l.trial, l.direction)))(lanes)
+        value, grad = jax.vmap(self._value_and_grad, in_axes=(0, None, 0, 0))(point, params, lanes.shared_grads,
+                                                                             lanes.known_labels)
+        lanes, s, y, write, again, need = jax.vmap(self._step)(lanes, live, point, value, grad)
+        lanes = self._write_history(lanes, s, y, write)
+        x = jax.lax.cond(jnp.any(again), self._restart_attempts, lambda *a: a[0], lanes.x, lanes.key, lanes.attempt,
+                         lanes.init, again)
+        return self._directions(lanes._replace(x=x), need)
+
+    def _step(self, lane: Lanes, live, point, value, grad):
+        """One lane after its evaluation at `point`: line-search test, LBFGS update, attack bookkeeping.
+
+        Mirrors jaxopt's BacktrackingLineSearch.update (strong Wolfe) and LBFGS.update, and
+        `attack.advance`'s iterate / `attack.init_state` / `attack.retry`, decision for decision.
+        """
+        c, cfg = self.ls, self.config
+        fresh = lane.fresh
+        # line search (jaxopt BacktrackingLineSearch.update, strong-Wolfe)
+        t = lane.trial
+        new_slope = tree_vdot_real(grad, lane.direction)
+        diff1 = value - (lane.value + c["c1"] * t * lane.slope)
+        error1 = jnp.maximum(jnp.where(jnp.isnan(diff1), jnp.inf, diff1), 0.0)
+        diff2 = jnp.abs(new_slope) - c["c2"] * jnp.abs(lane.slope)
+        error2 = jnp.maximum(jnp.where(jnp.isnan(diff2), jnp.inf, diff2), 0.0)
+        done = jnp.maximum(error1, error2) <= c["tol"]
+        failed = (lane.ls_iter + 1 == c["maxls"]) & ~done
+        finished = live & ~fresh & (done | failed)  # an LBFGS iteration is complete: accept `point`
+        retried = live & ~fresh & ~(done | failed)  # shrink the step, try again
+        started = live & fresh  # the first evaluation of an attempt
+        # LBFGS update (jaxopt LBFGS.update after its line search)
+        s = tree_sub(point, lane.x)
+        y = tree_sub(grad, lane.grad)
+        vdot_sy = tree_vdot_real(s, y)
+        rho = jnp.where(vdot_sy == 0, 0, 1.0 / vdot_sy)
+        gamma = compute_gamma(jax.tree.map(lambda a: a[None], s), jax.tree.map(lambda a: a[None], y), 0)
+        slot = lane.lbfgs_iter % self.history
+        rho_history = jnp.where(started, 0.0, jnp.where(finished, lane.rho_history.at[slot].set(rho),
+                                                        lane.rho_history))
+        # attack.advance's iterate
+        finite = jnp.isfinite(value) & jnp.all(jnp.array([jnp.isfinite(a).all() for a in jax.tree.leaves(point)]))
+        improved = finished & finite & (value < lane.best_value)
+        iterations = lane.iterations + finished
+        stalled = ((iterations - lane.attempt_start == cfg.probe_steps * cfg.iterations_per_step)
+                   & (value > cfg.probe_reduction * lane.attempt_value) & (lane.attempt < cfg.retries))
+        iterate_status = jnp.select([~finite, value <= lane.target, stalled, iterations >= cfg.max_iterations],
+                                    [A.DIVERGED, A.CONVERGED, A.STALLED, A.MAX_STEPS], A.RUNNING)
+        # attack.init_state (first attempt) / the fresh solver state of attack.retry (later ones)
+        first = lane.attempt == 0
+        start_status = jnp.where(jnp.isfinite(value), A.RUNNING, A.DIVERGED)
+        status = jnp.where(finished, iterate_status, jnp.where(started, start_status, lane.status))
+        num_fun_eval = jnp.where(started, 1, lane.num_fun_eval + (live & ~fresh))
+        # attack.retry: a stalled or diverged attempt starts afresh while retries and budget remain
+        failed_attempt = live & ((status == A.STALLED) | (status == A.DIVERGED))
+        again = failed_attempt & (lane.attempt < cfg.retries) & (iterations < cfg.max_iterations)
+        status = jnp.where(again, A.RUNNING, jnp.where(failed_attempt & (status == A.STALLED), A.MAX_STEPS, status))
+        evaluated = finished | started
+        lane = lane._replace(
+            x=_tree_where(finished, point, lane.x),
+            value=jnp.where(evaluated, value, lane.value),
+            grad=_tree_where(evaluated, grad, lane.grad),
+            rho_history=rho_history,
+            gamma=jnp.where(started, 1.0, jnp.where(finished, gamma, lane.gamma)),
+            lbfgs_iter=jnp.where(started, 0, lane.lbfgs_iter + finished),
+            stepsize=jnp.where(started, c["max_stepsize"], jnp.where(finished, t, lane.stepsize)),
+            trial=jnp.where(retried, jnp.minimum(c["max_stepsize"], t * c["decrease"]), lane.trial),
+            ls_iter=lane.ls_iter + retried,
+            fresh=(fresh & ~live) | again,
+            best_dummy=_tree_where(improved, point, lane.best_dummy),
+            best_value=jnp.where(improved | (started & first), value, lane.best_value),
+            iterations=iterations,
+            status=status,
+            attempt=lane.attempt + again,
+            attempt_start=jnp.where(again, iterations, lane.attempt_start),
+            attempt_value=jnp.where(started, value, lane.attempt_value),
+            num_fun_eval=jnp.where(again, 0, num_fun_eval),
+            earlier_evaluations=jnp.where(again, lane.earlier_evaluations + num_fun_eval, lane.earlier_evaluations),
+        )
+        need = evaluated & ~again & (status == A.RUNNING)  # needs the direction of its next iteration
+        return lane, s, y, finished, again, need
+
+    def _write_history(self, lanes: Lanes, s, y, write) -> Lanes:
+        """Store the new (s, y) pair at each writing lane's ring position: a scatter of one row per lane."""
+        rows = jnp.arange(write.shape[0])
+        slots = jnp.where(write, (lanes.lbfgs_iter - 1) % self.history, self.history)  # out of range: dropped
+        put = lambda hist, new: jax.tree.map(lambda h, v: h.at[rows, slots].set(v, mode="drop"), hist, new)  # noqa: E731
+        return lanes._replace(s_history=put(lanes.s_history, s), y_history=put(lanes.y_history, y))
+
+    @staticmethod
+    def _restart_attempts(x, key, attempt, init, again):
+        """Fresh N(0, 1) starts for the lanes in `again` (under a `cond`: most trips have none)."""
+        return _select(again, jax.vmap(_fresh_dummy)(key, attempt, init), x)
+
+    # ---- directions: the two-loop recursion for the lanes that need one, in blocks
+    def _directions(self, lanes: Lanes, need) -> Lanes:
+        """The next search direction and first trial step of each lane in `need`.
+
+        The lanes that need one are compacted (`nonzero`) and processed `block` at a time in a loop whose trip
+        count is the number of such blocks: the recursion reads 4 x history x dimension numbers per lane, as much
+        memory traffic as an evaluation, so running it for lanes that are still in their line search would
+        cost as much as the evaluation itself.
+        """
+        batch = need.shape[0]
+        block = self.direction_block or max(1, min(batch, 16))
+        padded = -(-batch // block) * block
+        order = jnp.nonzero(need, size=padded, fill_value=batch)[0]
+        blocks = (jnp.sum(need) + block - 1) // block
+        c = self.ls
+
+        def one_block(j, lanes: Lanes) -> Lanes:
+            ids = jax.lax.dynamic_slice(order, (j * block,), (block,))  # padding ids == batch: reads clamp, writes drop
+            take = lambda tree: jax.tree.map(lambda a: a[ids], tree)  # noqa: E731
+            grad = take(lanes.grad)
+            direction = self._two_loop(lanes, ids, tree_scalar_mul(-1.0, grad))
+            first = jnp.minimum(c["max_stepsize"], _init_stepsize("increase", c["max_stepsize"], self.solver.min_stepsize,
+                                                                 self.solver.increase_factor, lanes.stepsize[ids]))
+            slope = jax.vmap(tree_vdot_real)(grad, direction)
+            put = lambda old, new: old.at[ids].set(new, mode="drop")  # noqa: E731
+            return lanes._replace(direction=jax.tree.map(put, lanes.direction, direction), trial=put(lanes.trial, first),
+                                  slope=put(lanes.slope, slope), ls_iter=put(lanes.ls_iter, jnp.zeros_like(ids)))
+
+        return jax.lax.fori_loop(0, blocks, one_block, lanes)
+
+    def _two_loop(self, lanes: Lanes, ids, pytree):
+        """jaxopt's `inv_hessian_product` for the lanes `ids`, reading their history rows in place.
+
+        Slots not yet written in this attempt (`slot >= lbfgs_iter`) hold another attempt's pairs: they are
+        skipped, which is what jaxopt's zero-initialised history amounts to.
+        """
+        size = self.history
+        count = lanes.lbfgs_iter[ids]
+        start = count % size
+        rho, gamma = lanes.rho_history[ids], lanes.gamma[ids]
+        lane_index = jnp.arange(ids.shape[0])
+
+        def pair(k):
+            slot = (start + k) % size
+            row = lambda hist: jax.tree.map(lambda h: h[ids, slot], hist)  # noqa: E731
+            return slot, slot < count, row(lanes.s_history), row(lanes.y_history), rho[lane_index, slot]
+
+        def right(r, k):
+            _, valid, s, y, rho_k = pair(k)
+
+            def lane(r, s, y, rho_k, valid):
+                alpha = jnp.where(valid, rho_k * tree_vdot_real(s, r), 0.0)
+                return _tree_where(valid, tree_add_scalar_mul(r, -alpha, y), r), alpha
+
+            return jax.vmap(lane)(r, s, y, rho_k, valid)
+
+        r, alpha = jax.lax.scan(right, pytree, jnp.arange(size), reverse=True)
+        r = jax.vmap(tree_scalar_mul)(gamma, r)
+
+        def left(r, k_alpha):
+            k, alpha = k_alpha
+            _, valid, s, y, rho_k = pair(k)
+
+            def lane(r, s, y, rho_k, alpha, valid):
+                beta = rho_k * tree_vdot_real(y, r)
+                return _tree_where(valid, tree_add_scalar_mul(r, alpha - beta, s), r), beta
+
+            return jax.vmap(lane)(r, s, y, rho_k, alpha, valid)
+
+        r, _ = jax.lax.scan(left, r, (jnp.arange(size), alpha))
+        return r
+
+    def _harvest(self, lanes: Lanes) -> dict:
+        return self._outcome(lanes.best_dummy, lanes.known_labels, lanes.best_value, lanes.status, lanes.attempt,
+                             lanes.iterations, lanes.earlier_evaluations + lanes.num_fun_eval, lanes.live,
+                             lanes.occupied)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The naive engine: `vmap` of attack.advance + attack.retry. The baseline of experiments/bench_sweep.py, and
+# the engine for configurations the flat one does not implement (another line search).
+
+
+class NaiveLanes(NamedTuple):
+    occupied: jax.Array
+    problem: A.Problem  # params None: shared by all lanes
+    state: A.AttackState
+
+
+class NaiveEngine(_EngineBase):
+    """`vmap(attack.advance)` then `vmap(attack.retry)`, `chunk_iterations` LBFGS iterations per `run` trip."""
+
+    def __init__(self, *args, chunk_iterations: int = 20, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chunk_iterations = chunk_iterations
+        if self.config.optimizer != "lbfgs":
+            raise ValueError(f"NaiveEngine runs jaxopt LBFGS only, not {self.config.optimizer!r}")
+
+    def _with_params(self, problem, params):
+        return problem._replace(params=params, key=jax.random.wrap_key_data(problem.key))
+
+    def _start(self, problem, params):
+        return A.init_state(self.solver, self._with_params(problem, params))
+
+    def _blank(self, batch: int) -> NaiveLanes:
+        problems, _ = self._problems(jnp.zeros((batch, *self.image_shape), jnp.uint8), jnp.zeros((batch,), jnp.int32),
+                                     jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32), self.params)
+        states = jax.vmap(self._start, in_axes=(0, None))(problems, self.params)
+        return jax.tree.map(jnp.zeros_like, NaiveLanes(jnp.zeros((batch,), bool), problems, states))
+
+    def _fill(self, lanes: NaiveLanes, mask, images, labels, seeds, restarts, params) -> NaiveLanes:
+        problems, _ = self._problems(images, labels, seeds, restarts, params)
+        states = jax.vmap(self._start, in_axes=(0, None))(problems, params)
+        return _select(mask, NaiveLanes(jnp.ones_like(mask), problems, states), lanes)
+
+    def _run(self, lanes: NaiveLanes, params, max_trips, min_live):
+        solver, config = self.solver, self.config
+
+        def lane(state, problem, occupied):
+            problem = self._with_params(problem, params)
+            until = jnp.where(occupied, jnp.minimum(state.iterations + self.chunk_iterations, config.max_iterations), 0)
+            return A.retry(solver, config, A.advance(solver, config, state, problem, until), problem)
+
+        def live(lanes):
+            return lanes.occupied & (lanes.state.status == A.RUNNING)
+
+        def going(carry):
+            trips, lanes = carry
+            return (trips < max_trips) & (jnp.sum(live(lanes)) >= jnp.maximum(min_live, 1))
+
+        def trip(carry):
+            trips, lanes = carry
+            return trips + 1, lanes._replace(state=jax.vmap(lane)(lanes.state, lanes.problem, lanes.occupied))
+
+        trips, lanes = jax.lax.while_loop(going, trip, (jnp.zeros((), jnp.int32), lanes))
+        return lanes, trips[None]
+
+    def _harvest(self, lanes: NaiveLanes) -> dict:
+        s = lanes.state
+        return self._outcome(s.best_dummy, lanes.problem.known_labels, s.best_value, s.status, s.attempt, s.iterations,
+                             s.earlier_evaluations + s.solver_state.num_fun_eval,
+                             lanes.occupied & (s.status == A.RUNNING), lanes.occupied)
+
+
+ENGINES = {"flat": FlatEngine, "vmap": NaiveEngine}
