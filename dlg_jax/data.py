@@ -128,8 +128,10 @@ def load_tfds(name: str, split: str, indices: Sequence[int], data_dir: str | Non
         raise UsageError(f"--dataset {name}: unknown dataset (choose from {', '.join(TFDS_DATASETS)}, or use --data)")
     try:
         import tensorflow_datasets as tfds
+        from absl import logging as absl_logging
     except ImportError:
         raise UsageError(f"tensorflow-datasets is not installed: pip install 'dlg_jax[tfds]', or {OFFLINE_HINT}") from None
+    absl_logging.set_verbosity(absl_logging.ERROR)  # tfds's warnings would break our one-line errors
     try:
         try:  # already prepared (or mocked by tfds.testing.mock_data): no network needed
             source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
@@ -156,6 +158,9 @@ def load_tfds(name: str, split: str, indices: Sequence[int], data_dir: str | Non
 
 
 def _reachable(host: str, timeout: float = 5.0) -> bool:
+    """Whether tfds could download from `host`; never, with DLG_JAX_OFFLINE=1 set."""
+    if os.environ.get("DLG_JAX_OFFLINE", "") not in ("", "0"):
+        return False
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         return True

@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from dlg_jax import data as data_lib  # noqa: E402
-from dlg_jax.cli import ArgumentParser, enable_compilation_cache, fail, positive_int  # noqa: E402
+from dlg_jax.cli import ArgumentParser, enable_compilation_cache, fail, parse_indices, positive_int  # noqa: E402
 from dlg_jax.errors import UsageError  # noqa: E402
 
 METHODS = ("torch", "jax_torch_lbfgs", "jax_default")
@@ -64,24 +64,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--threshold", type=float, default=30.0, help="PSNR (dB) counted as a successful attack (30)")
     p.add_argument("--out", required=True, help="output directory")
     return p
-
-
-def parse_indices(text: str) -> list[int]:
-    try:
-        if ":" in text:
-            parts = [int(t) if t.strip() else None for t in text.split(":")]
-            if len(parts) != 2 or None in parts:
-                raise ValueError
-            indices = list(range(parts[0], parts[1]))
-        else:
-            indices = [int(t) for t in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--indices {text!r}: expected START:STOP or I,J,K with integers") from None
-    if not indices:
-        raise UsageError(f"--indices {text!r}: empty range")
-    if min(indices) < 0:
-        raise UsageError(f"--indices {text!r}: indices must be >= 0")
-    return indices
 
 
 def parse_methods(text: str) -> list[str]:

@@ -99,6 +99,13 @@ def test_cli_batch_writes_per_image_rows_and_means(tmp_path):
     assert result["psnr"] == pytest.approx(np.mean([r["psnr"] for r in result["images"]]), rel=1e-6)
 
 
+def test_cli_default_tfds_source_offline_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("DLG_JAX_OFFLINE", "1")  # never download, even where there is network
+    proc = run_cli("--index", 25, "--tfds-dir", tmp_path / "tfds", "--out", tmp_path / "out", cwd=tmp_path)
+    assert_one_line_error(proc, "--data")
+    assert "--image" in proc.stderr and not (tmp_path / "out").exists()
+
+
 def test_cli_npz_without_labels(tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, images=np.zeros((2, 32, 32, 3), np.uint8))
