@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -46,7 +47,28 @@ from jaxopt.tree_util import tree_add_scalar_mul, tree_scalar_mul, tree_sub, tre
 from dlg_jax import attack as A
 
 AXIS = "lanes"  # the mesh axis the lane axis is sharded over
+UNROLL = 4  # steps of the two-loop recursion per loop trip (fewer trips of a small loop body)
 RESTART_STREAM = 0x5EED  # restarts draw their seeds from fold_in(key(seed), RESTART_STREAM)
+
+
+def use_all_cpu_cores() -> int:
+    """Give JAX one CPU device per core this process may use, so that sharding the lanes over the CPU devices
+    runs them on every core. Returns the number of CPU devices JAX will have.
+
+    XLA's CPU backend runs the small operations of an attack on one thread; separate devices run their shards
+    of the lanes concurrently (measured on 2 cores: 1.7-2x the throughput of one device). Must run before JAX
+    initialises its backends (the first computation); an explicit
+    XLA_FLAGS=--xla_force_host_platform_device_count wins. Accelerators are not affected.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags:
+        return int(flags.split("xla_force_host_platform_device_count=")[1].split()[0])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        jax.config.update("jax_num_cpu_devices", cores)
+    except RuntimeError:  # too late: the backends are up; keep what they have
+        return len(jax.devices("cpu"))
+    return cores
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -92,6 +114,16 @@ def _select(mask: jax.Array, new, old):
 
 def _tree_where(flag: jax.Array, new, old):
     return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
+
+
+def _take(tree, i):
+    """Lane `i` (in range) of every leaf: a dynamic slice, which XLA reads in place."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
+
+
+def _put(tree, new, i):
+    """`tree` with lane `i` (in range) replaced by `new`: an in-place dynamic update."""
+    return jax.tree.map(lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, i, 0), tree, new)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -207,20 +239,22 @@ class _EngineBase:
         run = jax.jit(shard(self._run, (lane_spec, param_spec, P(), P()), (lane_spec, P(AXIS))), donate_argnums=0)
         harvest = jax.jit(shard(self._harvest, (lane_spec,), P(AXIS)))
         scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
-        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.lane_sharding),
-                                lanes_shape)
+        lanes_abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.lane_sharding),
+                                      lanes_shape)
         params_abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=self.replicated),
                                        self.params)
-        run = run.lower(abstract, params_abstract, scalar, scalar).compile()
+        per_lane = lambda shape, dtype: jax.ShapeDtypeStruct((batch, *shape), dtype, sharding=self.lane_sharding)  # noqa: E731
+        jobs = (per_lane((), bool), per_lane(self.image_shape, jnp.uint8), per_lane((), jnp.int32),
+                per_lane((), jnp.int32), per_lane((), jnp.int32))
+        run = run.lower(lanes_abstract, params_abstract, scalar, scalar).compile()
         memory = run.memory_analysis()
-        need = None
-        if memory is not None:
-            need = memory.argument_size_in_bytes + memory.temp_size_in_bytes
         cost = run.cost_analysis() or {}
-        self._compiled[batch] = dict(blank=blank, fill=fill, run=run, harvest=harvest, bytes=need,
-                                     state_bytes=sum(math.prod(s.shape) * s.dtype.itemsize
-                                                     for s in jax.tree.leaves(lanes_shape)),
-                                     flops=cost.get("flops"))
+        self._compiled[batch] = dict(
+            blank=blank.lower().compile(), fill=fill.lower(lanes_abstract, *jobs, params_abstract).compile(), run=run,
+            harvest=harvest.lower(lanes_abstract).compile(),
+            bytes=None if memory is None else memory.argument_size_in_bytes + memory.temp_size_in_bytes,
+            state_bytes=sum(math.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(lanes_shape)),
+            flops=cost.get("flops"))
         return self._compiled[batch]
 
     def fill(self, programs: dict, lanes, mask, images, labels, seeds, restarts):
@@ -245,7 +279,7 @@ class _EngineBase:
 class FlatEngine(_EngineBase):
     """jaxopt's LBFGS + backtracking line search, one objective evaluation per lane per loop trip."""
 
-    def __init__(self, *args, direction_block: int | None = None, **kwargs):
+    def __init__(self, *args, direction_block: int | None = None, eval_block: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         config, solver = self.config, self.solver
         ls = solver.linesearch_solver
@@ -255,7 +289,11 @@ class FlatEngine(_EngineBase):
         self.history = solver.history_size
         self.ls = dict(c1=ls.c1, c2=ls.c2, decrease=ls.decrease_factor, tol=ls.tol, maxls=ls.maxiter,
                        max_stepsize=ls.max_stepsize)
-        self.direction_block = direction_block
+        # blocks of lanes evaluated / given directions together: one lane at a time on CPU (measured fastest,
+        # experiments/bench_sweep.py), all lanes vmapped on accelerators
+        whole = 1 if self.devices[0].platform == "cpu" else 1 << 30
+        self.direction_block = direction_block or whole
+        self.eval_block = eval_block or whole
         self._value_and_grad = jax.value_and_grad(solver.fun)
 
     # ---- lane creation
@@ -312,13 +350,46 @@ class FlatEngine(_EngineBase):
     def _trip(self, lanes: Lanes, params) -> Lanes:
         live = lanes.live
         point = jax.vmap(lambda l: _tree_where(l.fresh, l.x, tree_add_scalar_mul(l.x, l.trial, l.direction)))(lanes)
-        value, grad = jax.vmap(self._value_and_grad, in_axes=(0, None, 0, 0))(point, params, lanes.shared_grads,
-                                                                             lanes.known_labels)
+        value, grad = self._evaluate(point, params, lanes.shared_grads, lanes.known_labels, live)
         lanes, s, y, write, again, need = jax.vmap(self._step)(lanes, live, point, value, grad)
         lanes = self._write_history(lanes, s, y, write)
         x = jax.lax.cond(jnp.any(again), self._restart_attempts, lambda *a: a[0], lanes.x, lanes.key, lanes.attempt,
                          lanes.init, again)
         return self._directions(lanes._replace(x=x), need)
+
+    def _evaluate(self, point, params, shared_grads, known_labels, live):
+        """D and dD/dx at `point` for the live lanes (zeros elsewhere), `eval_block` lanes at a time.
+
+        Only live lanes are evaluated: they are compacted (`nonzero`) and taken block by block, so lanes that
+        have finished (waiting for a refill, or idle while the last attacks of a sweep run) cost nothing. On
+        CPU the block is one lane: the unbatched program, lane after lane, is as fast per lane as any vmapped
+        block (vmap's batch dimensions cost relayout copies around the small batched products) and its
+        in-range dynamic slices copy nothing; on accelerators a block is all lanes, vmapped.
+        """
+        batch = live.shape[0]
+        block = max(1, min(batch, self.eval_block))
+        order = jnp.nonzero(live, size=-(-batch // block) * block, fill_value=batch)[0]
+        blocks = (jnp.sum(live) + block - 1) // block
+        one = lambda x, s, k: self._value_and_grad(x, params, s, k)  # noqa: E731
+
+        def one_lane(j, carry):
+            values, grads = carry
+            i = order[j]  # j < number of live lanes: a lane index in range
+            inputs = jax.lax.optimization_barrier((_take(point, i), _take(shared_grads, i), _take(known_labels, i)))
+            value, grad = jax.lax.optimization_barrier(one(*inputs))  # compiled as it is alone (see docstring)
+            return _put(values, value, i), _put(grads, grad, i)
+
+        def one_block(j, carry):
+            values, grads = carry
+            ids = jax.lax.dynamic_slice(order, (j * block,), (block,))  # padding ids == batch: reads clamp, writes drop
+            take = lambda tree: jax.tree.map(lambda a: a[ids], tree)  # noqa: E731
+            value, grad = jax.vmap(one)(take(point), take(shared_grads), take(known_labels))
+            put = lambda old, new: old.at[ids].set(new, mode="drop")  # noqa: E731
+            return put(values, value), jax.tree.map(put, grads, grad)
+
+        dtype = point["images"].dtype
+        zeros = (jnp.zeros((batch,), dtype), jax.tree.map(jnp.zeros_like, point))
+        return jax.lax.fori_loop(0, blocks, one_lane if block == 1 else one_block, zeros)
 
     def _step(self, lane: Lanes, live, point, value, grad):
         """One lane after its evaluation at `point`: line-search test, LBFGS update, attack bookkeeping.
@@ -407,31 +478,76 @@ class FlatEngine(_EngineBase):
     def _directions(self, lanes: Lanes, need) -> Lanes:
         """The next search direction and first trial step of each lane in `need`.
 
-        The lanes that need one are compacted (`nonzero`) and processed `block` at a time in a loop whose trip
-        count is the number of such blocks: the recursion reads 4 x history x dimension numbers per lane, as much
-        memory traffic as an evaluation, so running it for lanes that are still in their line search would
-        cost as much as the evaluation itself.
+        The lanes that need one are compacted (`nonzero`) and processed `direction_block` at a time in a loop
+        whose trip count is the number of such blocks: the recursion reads the history twice (4 x history x
+        dimension numbers per lane) and costs about half an evaluation, so running it for lanes still in
+        their line search would make every trip dearer. On CPU the block is one lane (jaxopt's own unbatched
+        arithmetic, reading the lane's history rows in place).
         """
         batch = need.shape[0]
-        block = self.direction_block or max(1, min(batch, 16))
-        padded = -(-batch // block) * block
-        order = jnp.nonzero(need, size=padded, fill_value=batch)[0]
+        block = max(1, min(batch, self.direction_block))
+        order = jnp.nonzero(need, size=-(-batch // block) * block, fill_value=batch)[0]
         blocks = (jnp.sum(need) + block - 1) // block
-        c = self.ls
+        c, solver = self.ls, self.solver
+
+        def first_trial(stepsize):
+            return jnp.minimum(c["max_stepsize"], _init_stepsize("increase", c["max_stepsize"], solver.min_stepsize,
+                                                                 solver.increase_factor, stepsize))
+
+        def one_lane(j, lanes: Lanes) -> Lanes:
+            i = order[j]  # in range
+            grad = _take(lanes.grad, i)
+            direction = self._two_loop_lane(lanes, i, tree_scalar_mul(-1.0, grad))
+            return lanes._replace(direction=_put(lanes.direction, direction, i),
+                                  trial=_put(lanes.trial, first_trial(lanes.stepsize[i]), i),
+                                  slope=_put(lanes.slope, tree_vdot_real(grad, direction), i),
+                                  ls_iter=_put(lanes.ls_iter, jnp.zeros((), jnp.int32), i))
 
         def one_block(j, lanes: Lanes) -> Lanes:
             ids = jax.lax.dynamic_slice(order, (j * block,), (block,))  # padding ids == batch: reads clamp, writes drop
-            take = lambda tree: jax.tree.map(lambda a: a[ids], tree)  # noqa: E731
-            grad = take(lanes.grad)
+            grad = jax.tree.map(lambda a: a[ids], lanes.grad)
             direction = self._two_loop(lanes, ids, tree_scalar_mul(-1.0, grad))
-            first = jnp.minimum(c["max_stepsize"], _init_stepsize("increase", c["max_stepsize"], self.solver.min_stepsize,
-                                                                 self.solver.increase_factor, lanes.stepsize[ids]))
             slope = jax.vmap(tree_vdot_real)(grad, direction)
             put = lambda old, new: old.at[ids].set(new, mode="drop")  # noqa: E731
-            return lanes._replace(direction=jax.tree.map(put, lanes.direction, direction), trial=put(lanes.trial, first),
-                                  slope=put(lanes.slope, slope), ls_iter=put(lanes.ls_iter, jnp.zeros_like(ids)))
+            return lanes._replace(direction=jax.tree.map(put, lanes.direction, direction),
+                                  trial=put(lanes.trial, first_trial(lanes.stepsize[ids])), slope=put(lanes.slope, slope),
+                                  ls_iter=put(lanes.ls_iter, jnp.zeros(ids.shape, jnp.int32)))
 
-        return jax.lax.fori_loop(0, blocks, one_block, lanes)
+        return jax.lax.fori_loop(0, blocks, one_lane if block == 1 else one_block, lanes)
+
+    def _two_loop_lane(self, lanes: Lanes, i, pytree):
+        """jaxopt's `inv_hessian_product` for lane `i`, its history rows read in place by dynamic slices.
+
+        Slots not yet written in this attempt (`slot >= lbfgs_iter`) hold another attempt's pairs: they are
+        skipped, which is what jaxopt's zero-initialised history amounts to.
+        """
+        size = self.history
+        count = lanes.lbfgs_iter[i]
+        start = count % size
+        rho, gamma = _take(lanes.rho_history, i), lanes.gamma[i]
+
+        def pair(k):
+            slot = (start + k) % size
+            row = lambda hist: jax.tree.map(  # noqa: E731
+                lambda h: jax.lax.dynamic_slice(h, (i, slot) + (0,) * (h.ndim - 2), (1, 1, *h.shape[2:]))[0, 0], hist)
+            return slot < count, row(lanes.s_history), row(lanes.y_history), rho[slot]
+
+        def right(r, k):
+            valid, s, y, rho_k = pair(k)
+            alpha = jnp.where(valid, rho_k * tree_vdot_real(s, r), 0.0)
+            return _tree_where(valid, tree_add_scalar_mul(r, -alpha, y), r), alpha
+
+        r, alpha = jax.lax.scan(right, pytree, jnp.arange(size), reverse=True, unroll=UNROLL)
+        r = tree_scalar_mul(gamma, r)
+
+        def left(r, k_alpha):
+            k, alpha = k_alpha
+            valid, s, y, rho_k = pair(k)
+            beta = rho_k * tree_vdot_real(y, r)
+            return _tree_where(valid, tree_add_scalar_mul(r, alpha - beta, s), r), beta
+
+        r, _ = jax.lax.scan(left, r, (jnp.arange(size), alpha), unroll=UNROLL)
+        return r
 
     def _two_loop(self, lanes: Lanes, ids, pytree):
         """jaxopt's `inv_hessian_product` for the lanes `ids`, reading their history rows in place.
@@ -459,7 +575,7 @@ class FlatEngine(_EngineBase):
 
             return jax.vmap(lane)(r, s, y, rho_k, valid)
 
-        r, alpha = jax.lax.scan(right, pytree, jnp.arange(size), reverse=True)
+        r, alpha = jax.lax.scan(right, pytree, jnp.arange(size), reverse=True, unroll=UNROLL)
         r = jax.vmap(tree_scalar_mul)(gamma, r)
 
         def left(r, k_alpha):
@@ -472,7 +588,7 @@ class FlatEngine(_EngineBase):
 
             return jax.vmap(lane)(r, s, y, rho_k, alpha, valid)
 
-        r, _ = jax.lax.scan(left, r, (jnp.arange(size), alpha))
+        r, _ = jax.lax.scan(left, r, (jnp.arange(size), alpha), unroll=UNROLL)
         return r
 
     def _harvest(self, lanes: Lanes) -> dict:

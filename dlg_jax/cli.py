@@ -32,21 +32,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def parse_indices(text: str) -> list[int]:
-    """'0:50' (a Python range), '3,7,9', or '25', as a list of indices; empty or inverted ranges are errors."""
-    try:
-        if ":" in text:
-            start, stop = (int(x) for x in text.split(":"))
-            indices = list(range(start, stop))
-        else:
-            indices = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--indices {text!r}: expected START:STOP or a comma list of integers") from None
-    if not indices:
-        raise UsageError(f"--indices {text!r}: empty range")
-    return indices
-
-
 def enable_compilation_cache() -> Path:
     """Persist compiled XLA programs so a second run of the same attack skips compilation.
 
@@ -62,4 +47,4 @@ def enable_compilation_cache() -> Path:
     return path
 
 
-__all__ = ["ArgumentParser", "UsageError", "enable_compilation_cache", "fail", "parse_indices", "positive_int"]
+__all__ = ["ArgumentParser", "UsageError", "enable_compilation_cache", "fail", "positive_int"]

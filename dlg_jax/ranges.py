@@ -1,6 +1,6 @@
 """Index and seed lists on the command line: '0:50' (a Python range), '0:50:5', '3,7,9', '25', or a mix '0:4,10'.
 
-Shared by `dlg_jax.sweep` and `experiments/benchmark_attacks.py`, so both read ranges the same way and
+Shared by `dlg_jax.run`, `dlg_jax.sweep` and the experiments, so all read ranges the same way and
 reject empty or inverted ones with the same one-line error.
 """
 

@@ -19,8 +19,9 @@ import numpy as np
 
 from dlg_jax import data as data_lib
 from dlg_jax.attack import LABEL_STRATEGIES, OPTIMIZERS, STATUS_NAMES, AttackConfig
-from dlg_jax.cli import ArgumentParser, enable_compilation_cache, fail, parse_indices, positive_int
+from dlg_jax.cli import ArgumentParser, enable_compilation_cache, fail, positive_int
 from dlg_jax.errors import UsageError
+from dlg_jax.ranges import parse_range
 
 SNAPSHOT_EVERY = 10  # steps between printed values and history snapshots, as in the original
 
@@ -77,7 +78,7 @@ def load_private_data(args) -> tuple[data_lib.Dataset, list[int], list[int]]:
         raise UsageError("--label applies to --image only (datasets carry their labels)")
     if args.indices is not None and args.batch_size != 1:
         raise UsageError("give either --indices or --index with --batch-size")
-    wanted = parse_indices(args.indices) if args.indices is not None else list(
+    wanted = parse_range(args.indices) if args.indices is not None else list(
         range(args.index, args.index + args.batch_size))
     if args.data:
         dataset = data_lib.load_npz(args.data)

@@ -23,9 +23,10 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dlg_jax.attack import AttackConfig  # noqa: E402
-from dlg_jax.cli import ArgumentParser, fail, parse_indices, positive_int  # noqa: E402
+from dlg_jax.cli import ArgumentParser, fail, positive_int  # noqa: E402
 from dlg_jax.data import load_npz  # noqa: E402
 from dlg_jax.errors import UsageError  # noqa: E402
+from dlg_jax.ranges import parse_range  # noqa: E402
 from dlg_jax.metrics import image_metrics  # noqa: E402
 from dlg_jax.run import attack_images  # noqa: E402
 
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         dataset = load_npz(args.data)
-        indices = parse_indices(args.indices)
+        indices = parse_range(args.indices)
         dataset.check_indices(indices)
     except UsageError as error:
         return fail(p.prog, error)

@@ -33,8 +33,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from dlg_jax import data as data_lib  # noqa: E402
-from dlg_jax.cli import ArgumentParser, enable_compilation_cache, fail, parse_indices, positive_int  # noqa: E402
+from dlg_jax.cli import ArgumentParser, enable_compilation_cache, fail, positive_int  # noqa: E402
 from dlg_jax.errors import UsageError  # noqa: E402
+from dlg_jax.ranges import parse_range  # noqa: E402
 
 METHODS = ("torch", "jax_torch_lbfgs", "jax_default")
 METHOD_FLAGS = {"torch": "torch", "torch-lbfgs": "jax_torch_lbfgs", "default": "jax_default"}
@@ -293,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        indices = parse_indices(args.indices)
+        indices = parse_range(args.indices)
         methods = parse_methods(args.methods)
         if {"torch", "jax_torch_lbfgs"} & set(methods):
             try:

@@ -73,7 +73,7 @@ def test_cli_image_file_source(tmp_path):
     (["--bogus"], "unrecognized arguments"),
     (["--image", "x.png", "--data", "y.npz"], "exclusive"),
     (["--data", str(CIFAR100), "--indices", "48:52"], "index 50 is out of range"),
-    (["--data", str(CIFAR100), "--indices", "5:3"], "empty range"),
+    (["--data", str(CIFAR100), "--indices", "5:3"], "empty or inverted range"),
     (["--data", str(CIFAR100), "--indices", "a,b"], "--indices"),
     (["--data", str(CIFAR100), "--indices", "1,2", "--batch-size", "2"], "either --indices or --index"),
     (["--data", str(CIFAR100), "--batch-size", "0"], "--batch-size"),

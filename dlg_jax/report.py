@@ -1,0 +1,172 @@
+"""The results table of a sweep: summary.json, summary.md, a PSNR histogram and the worst reconstructions.
+
+Everything here is computed from the rows (`results*.jsonl`) and the saved reconstructions alone, so a
+summary can be rewritten at any time, by any host, from what is on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+SUCCESS_DB = 30.0  # a reconstruction at PSNR >= 30 dB counts as recovered (as experiments/benchmark_attacks.py)
+
+
+def summarise(rows: Sequence[dict]) -> dict:
+    """Success rate, PSNR statistics, label accuracy and throughput of a list of result rows.
+
+    `attacks_per_hour` is rows per hour of attack time: each row's `seconds` is its share of the batched
+    program's wall time (compilation excluded), so the sum is the time the device spent on the sweep, however
+    many runs (resumes) it took.
+    """
+    if not rows:
+        return dict(rows=0)
+    psnr = np.array([r["psnr"] for r in rows], np.float64)
+    seconds = float(sum(r["seconds"] for r in rows))
+    statuses: dict[str, int] = {}
+    for r in rows:
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    finite = psnr[np.isfinite(psnr)]
+    return dict(
+        rows=len(rows),
+        images=len({r["index"] for r in rows}),
+        seeds=len({r["seed"] for r in rows}),
+        restarts=int(rows[0].get("restarts", 1)),
+        success_db=SUCCESS_DB,
+        successes=int((psnr >= SUCCESS_DB).sum()),
+        success_rate=float((psnr >= SUCCESS_DB).mean()),
+        median_psnr=float(np.median(finite)) if len(finite) else float("nan"),
+        mean_psnr=float(np.mean(finite)) if len(finite) else float("nan"),
+        label_accuracy=float(np.mean([r["label_pred"] == r["label_true"] for r in rows])),
+        median_evaluations=float(np.median([r["evaluations"] for r in rows])),
+        attack_seconds=seconds,
+        attacks_per_hour=len(rows) / seconds * 3600.0 if seconds > 0 else float("nan"),
+        statuses=dict(sorted(statuses.items())),
+    )
+
+
+def markdown(summary: dict, rows: Sequence[dict], config: dict, worst: int = 10) -> str:
+    if not rows:
+        return "# Sweep summary\n\nNo finished attacks yet.\n"
+    s = summary
+    lines = [
+        "# Sweep summary",
+        "",
+        f"{s['rows']} attacks: {s['images']} images x {s['seeds']} seeds, best of {s['restarts']} restart(s) each.",
+        "",
+        f"| attacks | PSNR >= {SUCCESS_DB:.0f} dB | median PSNR | mean PSNR | labels right | median evaluations "
+        "| attacks per hour |",
+        "|---|---|---|---|---|---|---|",
+        f"| {s['rows']} | {s['successes']}/{s['rows']} ({100 * s['success_rate']:.1f}%) | {s['median_psnr']:.2f} | "
+        f"{s['mean_psnr']:.2f} | {100 * s['label_accuracy']:.1f}% | {s['median_evaluations']:.0f} | "
+        f"{s['attacks_per_hour']:.0f} |",
+        "",
+        "Status: " + ", ".join(f"{k} {v}" for k, v in s["statuses"].items()) + ".",
+        "",
+        f"## Worst {min(worst, len(rows))} by PSNR",
+        "",
+        "| index | seed | PSNR | SSIM | label true/pred | grad distance | status | attempts | evaluations |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=_psnr_key)[:worst]:
+        lines.append(f"| {r['index']} | {r['seed']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['label_true']}/"
+                     f"{r['label_pred']} | {r['grad_distance']:.3g} | {r['status']} | {r['attempts']} | "
+                     f"{r['evaluations']} |")
+    attack = config.get("attack", {})
+    lines += ["", "Configuration: " + ", ".join(f"{k}={v}" for k, v in attack.items()) +
+              f", model_seed={config.get('model_seed')}, restarts={config.get('restarts')}; "
+              f"data {config.get('data', {}).get('source')}.", ""]
+    return "\n".join(lines)
+
+
+def _psnr_key(row: dict) -> float:
+    return row["psnr"] if np.isfinite(row["psnr"]) else -np.inf
+
+
+def save_histogram(path: Path, rows: Sequence[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    psnr = np.array([r["psnr"] for r in rows], np.float64)
+    psnr = psnr[np.isfinite(psnr)]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(psnr, bins=max(10, min(60, len(psnr) // 3 or 1)), color="tab:blue", alpha=0.8)
+    ax.axvline(SUCCESS_DB, color="tab:red", linestyle="--", label=f"{SUCCESS_DB:.0f} dB")
+    ax.set_xlabel("PSNR (dB)")
+    ax.set_ylabel("attacks")
+    ax.set_title(f"{len(rows)} attacks, {int((psnr >= SUCCESS_DB).sum())} at >= {SUCCESS_DB:.0f} dB")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_worst(path: Path, rows: Sequence[dict], images_dir: Path, count: int = 16, pairs_per_row: int = 4) -> None:
+    """A grid of the `count` lowest-PSNR rows (those whose images are on disk): truth, then reconstruction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = []
+    for r in sorted(rows, key=_psnr_key):
+        file = images_dir / image_name(r["index"], r["seed"])
+        if file.exists():
+            with np.load(file) as saved:
+                chosen.append((r, saved["truth"] / 255.0, saved["reconstruction"].astype(np.float64)))
+        if len(chosen) == count:
+            break
+    if not chosen:
+        return
+    cols = min(pairs_per_row, len(chosen))
+    grid_rows = -(-len(chosen) // cols)
+    fig, axes = plt.subplots(grid_rows, 2 * cols, squeeze=False, figsize=(2.4 * cols, 1.45 * grid_rows))
+    for ax in axes.flat:
+        ax.axis("off")
+    for n, (r, truth, recon) in enumerate(chosen):
+        for j, (image, title) in enumerate(((truth, f"#{r['index']} s{r['seed']} label {r['label_true']}"),
+                                            (recon, f"{r['psnr']:.1f} dB, label {r['label_pred']}"))):
+            ax = axes[n // cols, 2 * (n % cols) + j]
+            image = np.clip(image, 0.0, 1.0)
+            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None,
+                      vmin=0.0, vmax=1.0)
+            ax.set_title(title, fontsize=6)
+    fig.suptitle(f"worst {len(chosen)} of {len(rows)} by PSNR: truth | reconstruction", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def image_name(index: int, seed: int) -> str:
+    return f"{index}-{seed}.npz"
+
+
+def write(out: Path, rows: Sequence[dict], config: dict, worst: int = 16) -> dict:
+    """Write summary.json, summary.md, psnr_histogram.png and worst.png into `out` (each atomically)."""
+    rows = sorted(rows, key=lambda r: (r["index"], r["seed"]))
+    summary = summarise(rows)
+    _atomic_text(out / "summary.json", json.dumps(dict(summary=summary, config=config), indent=2) + "\n")
+    _atomic_text(out / "summary.md", markdown(summary, rows, config))
+    if rows:
+        _atomic_figure(out / "psnr_histogram.png", lambda p: save_histogram(p, rows))
+        _atomic_figure(out / "worst.png", lambda p: save_worst(p, rows, out / "reconstructions", worst))
+    return summary
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_figure(path: Path, draw) -> None:
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    draw(tmp)
+    if tmp.exists():
+        os.replace(tmp, path)

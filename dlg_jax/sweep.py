@@ -1,0 +1,546 @@
+"""Sweeps: thousands of DLG reconstructions per compiled program, sharded over every device, resumable.
+
+    python -m dlg_jax.sweep --data FILE.npz --indices 0:50 --seeds 0:4 --restarts 1 --batch 64 --out DIR
+
+Every (index, seed) is one attack on one image, set up exactly as `python -m dlg_jax.run --index I --seed S`
+sets it up. `--restarts K` runs K random starts of it side by side and keeps the one with the lowest gradient
+distance (what an attacker can see; the ground truth plays no part in the choice). The attacks run `--batch`
+at a time in one compiled program (dlg_jax/batched.py: why and how it is fast), its lanes sharded over all
+local devices; lanes whose attack has finished are refilled at once, so stragglers do not hold a batch.
+
+DIR gets, as attacks finish:
+  results.jsonl      one row per (index, seed): the keys of dlg_jax.run's result.json plus seed, restarts,
+                     restart (the one kept) and restart_distances (all K); appended and fsynced chunk by chunk
+  reconstructions/   INDEX-SEED.npz: the private image (truth, uint8) and the reconstruction (float32)
+  config.json        what the rows depend on (data, attack settings, model seed, restarts)
+and at the end summary.json, summary.md, psnr_histogram.png and worst.png (the lowest-PSNR reconstructions).
+
+Rerunning the same command continues where it stopped, after a crash or `kill -9` too: rows already in DIR are
+skipped, a truncated last line is dropped. New indices or seeds extend the sweep; different attack settings
+are refused (use another DIR). With --distributed, every host of a multi-host job (jax.distributed) takes its
+share of the attacks and appends its own rows to results.pN.jsonl in the shared DIR.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from dlg_jax import data as data_lib
+from dlg_jax import report
+from dlg_jax.attack import LABEL_STRATEGIES, OPTIMIZERS, STATUS_NAMES, AttackConfig
+from dlg_jax.cli import ArgumentParser, enable_compilation_cache, fail, positive_int
+from dlg_jax.errors import UsageError
+from dlg_jax.ranges import parse_range
+
+MAX_SEED = 2**31 - 1
+CHUNK_SECONDS = 0.25  # device calls about this long: a device whose lanes finish idles at most this long
+
+
+class BatchTooLarge(UsageError):
+    """The requested number of lanes does not fit the device memory; the message says what would."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One row of a sweep: the attack on image `image` (a position in the images passed to `Sweep.run`)
+    from `seed`."""
+
+    image: int
+    seed: int
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Python API
+
+
+class Sweep:
+    """Many attacks for one model, image shape and attack configuration, in one compiled program.
+
+    `run(images, labels, tasks)` solves every task (`restarts` lanes each) `batch` lanes at a time and
+    returns one outcome per task, in order. Results equal running each attack alone with `attack.Attack` (to
+    float rounding: a batched matrix product may add in another order). Pass `devices` to choose the devices
+    the lanes are sharded over (default: all local devices).
+    """
+
+    def __init__(self, num_classes: int, image_shape: Sequence[int], config: AttackConfig = AttackConfig(), *,
+                 restarts: int = 1, model_seed: int = 1234, devices=None, engine: str = "flat"):
+        from dlg_jax.attack import precision_scope
+        from dlg_jax.batched import ENGINES
+        from dlg_jax.models import LeNet, init_params
+
+        if restarts <= 0:
+            raise ValueError(f"restarts must be positive, got {restarts}")
+        self.config, self.restarts, self.num_classes = config, restarts, num_classes
+        self.image_shape = tuple(image_shape)
+        with precision_scope(config):
+            import jax
+            import jax.numpy as jnp
+
+            model = LeNet(num_classes=num_classes)
+            params = jax.tree.map(lambda p: jnp.asarray(p, config.dtype), init_params(model, model_seed, image_shape))
+            apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+            self.engine = ENGINES[engine](apply_fn, params, config, num_classes, self.image_shape, devices)
+        self.compile_seconds = 0.0
+
+    def scope(self):
+        from dlg_jax.attack import precision_scope
+
+        return precision_scope(self.config)
+
+    def lanes_for(self, tasks: int, batch: int) -> int:
+        """Lanes of the program for `tasks` tasks: `batch`, or fewer when there is less work, rounded up to a
+        multiple of the device count."""
+        return self.engine.lane_count(min(batch, tasks * self.restarts))
+
+    def compile(self, lanes: int) -> dict:
+        """Compile for `lanes` lanes (timed, in `compile_seconds`); BatchTooLarge if they do not fit memory."""
+        with self.scope():
+            start = time.perf_counter()
+            programs = self.engine.compile(lanes)
+            self.compile_seconds += time.perf_counter() - start
+        check_memory(self.engine, lanes, programs)
+        return programs
+
+    def run(self, images: np.ndarray, labels: np.ndarray, tasks: Sequence[Task], *, batch: int = 64,
+            on_results: Callable[[list[dict]], None] | None = None,
+            progress: Callable[[int, int], None] | None = None) -> list[dict]:
+        """Attack every task; `images` uint8 (N, H, W, C) and `labels` (N,) are indexed by `Task.image`.
+
+        `on_results(outcomes)` gets the tasks finished in each chunk as soon as it ends (write them durably
+        there), `progress(finished, live lanes)` after every chunk. Each outcome holds `task`,
+        `reconstruction` (H, W, C float64), `label_pred`, `label_true`, `grad_distance` (of the kept restart),
+        `restart`, `restart_distances`, `status`, `attempts`, `iterations`, `steps`, `evaluations` (all of the
+        kept restart), `seconds` (this task's share of the device time, all restarts) and `compile_seconds`.
+        """
+        tasks = list(tasks)
+        if not tasks:
+            return []
+        lanes = self.lanes_for(len(tasks), batch)
+        programs = self.compile(lanes)
+        with self.scope():
+            try:
+                return self._solve(programs, lanes, np.asarray(images), np.asarray(labels), tasks, on_results, progress)
+            except Exception as error:  # out of memory at run time: say what would fit
+                if "RESOURCE_EXHAUSTED" in str(error) or "Out of memory" in str(error):
+                    raise BatchTooLarge(too_large_message(lanes, len(self.engine.devices), None, None)) from None
+                raise
+
+    def _solve(self, programs, lanes: int, images, labels, tasks: list[Task], on_results, progress) -> list[dict]:
+        """The host loop: fill free lanes, run a chunk, harvest finished lanes, repeat."""
+        engine, k = self.engine, self.restarts
+        queue = collections.deque((t, r) for t in range(len(tasks)) for r in range(k))
+        state = programs["blank"]()
+        slot_job: list[tuple[int, int] | None] = [None] * lanes
+        per_task: dict[int, dict[int, dict]] = collections.defaultdict(dict)
+        seconds = np.zeros(len(tasks))
+        outcomes: list[dict | None] = [None] * len(tasks)
+        local = lanes // len(engine.devices)
+        max_trips, done = 32, 0
+        while queue or any(job is not None for job in slot_job):
+            start = time.perf_counter()
+            state = self._refill(programs, state, slot_job, queue, images, labels, tasks)
+            busy = [i for i, job in enumerate(slot_job) if job is not None]
+            min_live = local - max(1, local // 8) + 1 if queue else 1  # come back to refill 1/8 of the lanes
+            run_start = time.perf_counter()
+            state, trips = engine.run(programs, state, max_trips, min_live)
+            out = engine.harvest(programs, state)
+            now = time.perf_counter()
+            trips = int(np.max(trips))
+            max_trips = int(np.clip(trips / max(now - run_start, 1e-3) * CHUNK_SECONDS, 8, 1 << 20))
+            for i in busy:  # this chunk's time, shared by the attacks that were in it
+                seconds[slot_job[i][0]] += (now - start) / len(busy)
+            finished = []
+            for i in busy:
+                if out["live"][i]:
+                    continue
+                t, r = slot_job[i]
+                slot_job[i] = None
+                per_task[t][r] = {key: value[i] for key, value in out.items()}
+                if len(per_task[t]) == k:
+                    outcomes[t] = self._outcome(tasks[t], labels, per_task.pop(t), seconds[t])
+                    finished.append(outcomes[t])
+            if finished and on_results:
+                on_results(finished)
+            done += len(finished)
+            if progress:
+                progress(len(finished), int(np.sum(out["live"])))
+        return outcomes
+
+    def _refill(self, programs, state, slot_job, queue, images, labels, tasks):
+        free = [i for i, job in enumerate(slot_job) if job is None]
+        if not free or not queue:
+            return state
+        lanes = len(slot_job)
+        mask = np.zeros(lanes, bool)
+        batch_images = np.zeros((lanes, *self.image_shape), np.uint8)
+        batch_labels, seeds, restarts = (np.zeros(lanes, np.int32) for _ in range(3))
+        for i in free:
+            if not queue:
+                break
+            t, r = queue.popleft()
+            slot_job[i], mask[i] = (t, r), True
+            batch_images[i] = images[tasks[t].image]
+            batch_labels[i], seeds[i], restarts[i] = labels[tasks[t].image], tasks[t].seed, r
+        return self.engine.fill(programs, state, mask, batch_images, batch_labels, seeds, restarts)
+
+    def _outcome(self, task: Task, labels, restarts: dict[int, dict], seconds: float) -> dict:
+        """The kept restart (lowest finite gradient distance: the attacker's own criterion) and all distances."""
+        distances = [float(restarts[r]["grad_distance"]) for r in range(self.restarts)]
+        best = min(range(self.restarts), key=lambda r: distances[r] if np.isfinite(distances[r]) else np.inf)
+        kept = restarts[best]
+        iterations = int(kept["iterations"])
+        return dict(task=task, reconstruction=np.asarray(kept["images"], np.float64),
+                    label_pred=int(kept["label_pred"]), label_true=int(labels[task.image]),
+                    grad_distance=distances[best], restart=best, restart_distances=distances,
+                    status=STATUS_NAMES[int(kept["status"])], attempts=int(kept["attempts"]), iterations=iterations,
+                    steps=-(-iterations // self.config.iterations_per_step), evaluations=int(kept["evaluations"]),
+                    seconds=float(seconds), compile_seconds=self.compile_seconds)
+
+
+def sweep(images: np.ndarray, labels: np.ndarray, num_classes: int, config: AttackConfig = AttackConfig(),
+          seeds: Iterable[int] = (1234,), *, restarts: int = 1, batch: int = 64, model_seed: int = 1234,
+          devices=None, engine: str = "flat", **run_options) -> list[dict]:
+    """Attack every image (uint8 NHWC) from every seed; outcomes in image-major order (see `Sweep.run`)."""
+    images = np.asarray(images)
+    runner = Sweep(num_classes, images.shape[1:], config, restarts=restarts, model_seed=model_seed, devices=devices,
+                   engine=engine)
+    tasks = [Task(n, int(s)) for n in range(len(images)) for s in seeds]
+    return runner.run(images, labels, tasks, batch=batch, **run_options)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory
+
+
+def available_bytes(device) -> int | None:
+    """Free memory for one device: the accelerator's own, or on CPU the host's available memory shared by the
+    local CPU devices."""
+    if device.platform == "cpu":
+        import jax
+
+        try:
+            with open("/proc/meminfo") as f:
+                info = dict(line.split(":", 1) for line in f)
+            free = int(info["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            try:
+                free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (ValueError, OSError):
+                return None
+        return free // max(1, len([d for d in jax.local_devices() if d.platform == "cpu"]))
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - not every backend reports memory
+        return None
+    if "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def check_memory(engine, lanes: int, programs: dict, headroom: float = 0.85) -> None:
+    """Refuse a lane count whose program would not fit, naming one that would (XLA's own estimate)."""
+    need = programs.get("bytes")
+    devices = len(engine.devices)
+    free = available_bytes(engine.devices[0])
+    if need is None or free is None or need <= headroom * free:
+        return
+    raise BatchTooLarge(too_large_message(lanes, devices, need, free, headroom))
+
+
+def too_large_message(lanes: int, devices: int, need: int | None, free: int | None, headroom: float = 0.85) -> str:
+    gib = 2.0**30
+    if need is None or free is None:
+        return f"--batch {lanes}: ran out of device memory; try a smaller --batch (e.g. {max(devices, lanes // 4)})"
+    per_lane = need / (lanes // devices)
+    fits = int(headroom * free // per_lane) * devices
+    advice = f"use --batch {fits} or less" if fits >= devices else "not even one attack per device fits"
+    return (f"--batch {lanes}: needs ~{need / gib:.1f} GiB per device ({per_lane / 2**20:.1f} MiB per attack) but "
+            f"{free / gib:.1f} GiB is free: {advice}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The results directory: config, durable rows, resume
+
+
+class ResultsDir:
+    """DIR of a sweep: refuses another configuration, hands out pending tasks, appends rows durably.
+
+    Durability: each chunk's rows are appended with one write, then flushed and fsynced; reconstructions are
+    written (atomically) before their rows. A row is the sole record that an attack is done, so a crash at any
+    moment loses at most the attacks in flight, and on resume a truncated last line (a write cut short) is
+    dropped. An exclusive lock (flock on DIR/.lock, released by the OS even on kill -9) keeps two sweeps from
+    appending to the same DIR at once.
+    """
+
+    def __init__(self, path: Path, identity: dict, host: int = 0, hosts: int = 1):
+        self.path, self.identity = Path(path), identity
+        self.rows_path = self.path / ("results.jsonl" if hosts == 1 else f"results.p{host}.jsonl")
+        self._lock = None
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"--out {self.path}: exists and is not a directory")
+        self.check_config()
+
+    def check_config(self) -> None:
+        file = self.path / "config.json"
+        if not file.exists():
+            return
+        try:
+            stored = json.loads(file.read_text())
+        except (OSError, ValueError):
+            raise UsageError(f"--out {self.path}: config.json is unreadable; use another --out") from None
+        if stored != self.identity:
+            changes = [f"{key} {old!r} -> {new!r}" for key, old, new in _differences(stored, self.identity)]
+            raise UsageError(f"--out {self.path} holds a sweep with another configuration ({'; '.join(changes[:4])}"
+                             f"{'; ...' if len(changes) > 4 else ''}): use another --out, or the same settings")
+
+    def open(self, exclusive: bool = True) -> None:
+        """Create DIR, take the lock, store config.json and repair a row file cut short by a crash."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "reconstructions").mkdir(exist_ok=True)
+        if exclusive:
+            import fcntl
+
+            self._lock = open(self.path / (".lock" if self.rows_path.name == "results.jsonl"
+                                           else f".lock.{self.rows_path.stem}"), "w")
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f"--out {self.path}: another sweep is writing there") from None
+        self.check_config()
+        if not (self.path / "config.json").exists():
+            _atomic_write(self.path / "config.json", json.dumps(self.identity, indent=2) + "\n")
+        if self.rows_path.exists():
+            data = self.rows_path.read_bytes()
+            keep = data.rfind(b"\n") + 1
+            if keep < len(data):
+                print(f"dlg_jax.sweep: dropping a truncated last line of {self.rows_path}", file=sys.stderr)
+                with open(self.rows_path, "r+b") as f:
+                    f.truncate(keep)
+                    os.fsync(f.fileno())
+
+    def rows(self) -> list[dict]:
+        """All rows in DIR (every host's file), each (index, seed) once; an unreadable line is skipped."""
+        rows, seen = [], set()
+        for file in sorted(self.path.glob("results*.jsonl")):
+            for line in file.read_bytes().split(b"\n"):
+                try:
+                    row = json.loads(line)
+                    key = (row["index"], row["seed"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # empty, or a line cut short by a crash
+                if key not in seen:
+                    seen.add(key)
+                    rows.append(row)
+        return rows
+
+    def append(self, rows: list[dict], images: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]) -> None:
+        """Save the rows' reconstructions, then append the rows: one write, flush, fsync."""
+        for (index, seed), (truth, reconstruction) in images.items():
+            file = self.path / "reconstructions" / report.image_name(index, seed)
+            tmp = file.with_name(file.name + ".tmp.npz")
+            np.savez(tmp, truth=truth, reconstruction=reconstruction.astype(np.float32))
+            os.replace(tmp, file)
+        text = "".join(json.dumps(row) + "\n" for row in rows).encode()
+        with open(self.rows_path, "ab") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _differences(old, new, prefix=""):
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            yield from _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+    elif old != new:
+        yield prefix.rstrip("."), old, new
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> ArgumentParser:
+    defaults = AttackConfig()
+    p = ArgumentParser(prog="dlg_jax.sweep", description=__doc__.splitlines()[0])
+    src = p.add_argument_group("private data (default: tfds cifar100 train)")
+    src.add_argument("--indices", default="0:50", help="images to attack: START:STOP[:STEP], I,J,K or a mix (default 0:50)")
+    src.add_argument("--data", default=None, help="local npz with images (uint8 NHWC/NHW), labels[, label_names]; replaces tfds")
+    src.add_argument("--dataset", default="cifar100", choices=sorted(data_lib.TFDS_DATASETS),
+                     help="tensorflow-datasets dataset (default cifar100)")
+    src.add_argument("--split", default="train", help="tfds split (default train)")
+    src.add_argument("--tfds-dir", default=None, help="tfds data_dir (default: tfds's, ~/tensorflow_datasets)")
+    sw = p.add_argument_group("sweep")
+    sw.add_argument("--seeds", default="1234", help="seeds of the dummy, as --indices (default 1234, dlg_jax.run's)")
+    sw.add_argument("--restarts", type=positive_int, default=1,
+                    help="random starts per (image, seed), run side by side; the lowest gradient distance is kept (default 1)")
+    sw.add_argument("--batch", type=positive_int, default=64,
+                    help="attacks (lanes) per compiled program, over all local devices (default 64)")
+    sw.add_argument("--out", required=True, help="results directory; rerun the same command to resume")
+    sw.add_argument("--engine", default="flat", choices=("flat", "vmap"),
+                    help="flat: one evaluation per lane per loop trip (default); vmap: vmap of attack.advance (slow, for comparison)")
+    sw.add_argument("--distributed", action="store_true",
+                    help="multi-host: jax.distributed.initialize() (auto-detected on TPU pods, SLURM; or the next flags)")
+    sw.add_argument("--coordinator", default=None, help="with --distributed: coordinator address host:port")
+    sw.add_argument("--num-processes", type=positive_int, default=None, help="with --distributed: number of hosts")
+    sw.add_argument("--process-id", type=int, default=None, help="with --distributed: this host's id")
+    sw.add_argument("--single-device", action="store_true",
+                    help="on CPU, one JAX device for all cores (default: one device per core, lanes sharded over them)")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    att = p.add_argument_group("attack (as dlg_jax.run)")
+    att.add_argument("--label-strategy", default=defaults.label_strategy, choices=LABEL_STRATEGIES,
+                     help="joint: optimise softmax(dummy logits) with the image; idlg: read the label off the gradient")
+    att.add_argument("--optimizer", default=defaults.optimizer, choices=OPTIMIZERS,
+                     help="lbfgs (default); torch-lbfgs is dlg_jax.run's only")
+    att.add_argument("--steps", type=positive_int, default=defaults.steps, help=f"steps (default {defaults.steps})")
+    att.add_argument("--iterations-per-step", type=positive_int, default=defaults.iterations_per_step,
+                     help=f"LBFGS iterations per step (default {defaults.iterations_per_step})")
+    att.add_argument("--precision", default=defaults.precision, choices=("float64", "float32"),
+                     help=f"arithmetic of the attack (default {defaults.precision})")
+    att.add_argument("--model-seed", type=int, default=1234, help="seed of the U(-0.5,0.5) model weights (default 1234)")
+    return p
+
+
+def _config(args) -> AttackConfig:
+    if args.optimizer != "lbfgs":
+        raise UsageError(f"--optimizer {args.optimizer}: sweeps run jaxopt LBFGS; use dlg_jax.run for {args.optimizer}")
+    try:
+        return AttackConfig(steps=args.steps, iterations_per_step=args.iterations_per_step,
+                            label_strategy=args.label_strategy, optimizer=args.optimizer, precision=args.precision)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _load(args, indices: list[int]) -> tuple[data_lib.Dataset, dict[int, int]]:
+    """The dataset and, for each requested index, its position in the dataset's arrays."""
+    if args.data:
+        dataset = data_lib.load_npz(args.data)
+        dataset.check_indices(indices)
+        return dataset, {i: i for i in indices}
+    dataset = data_lib.load_tfds(args.dataset, args.split, indices, args.tfds_dir)
+    return dataset, {i: n for n, i in enumerate(indices)}
+
+
+def _identity(args, dataset: data_lib.Dataset, config: AttackConfig) -> dict:
+    """What the rows depend on: a rerun in the same DIR must match it (the work list may grow)."""
+    source = str(Path(args.data).resolve()) if args.data else f"tfds {args.dataset}[{args.split}]"
+    return dict(data=dict(source=source, image_shape=list(dataset.image_shape), num_classes=dataset.num_classes),
+                attack=dataclasses.asdict(config), model_seed=args.model_seed, restarts=args.restarts)
+
+
+def _hosts(args) -> tuple[int, int]:
+    """(this host, hosts): jax.distributed when asked for, else (0, 1)."""
+    if not args.distributed:
+        if args.coordinator or args.num_processes or args.process_id is not None:
+            raise UsageError("--coordinator/--num-processes/--process-id need --distributed")
+        return 0, 1
+    import jax
+
+    options = {k: v for k, v in dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                      process_id=args.process_id).items() if v is not None}
+    jax.distributed.initialize(**options)
+    return jax.process_index(), jax.process_count()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = parser.prog
+    if not args.single_device:
+        from dlg_jax.batched import use_all_cpu_cores
+
+        use_all_cpu_cores()
+    try:
+        config = _config(args)
+        indices = parse_range(args.indices, "--indices")
+        seeds = parse_range(args.seeds, "--seeds")
+        bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+        if bad:
+            raise UsageError(f"--seeds: {bad[0]} is out of range (0..{MAX_SEED})")
+        dataset, position = _load(args, indices)
+        host, hosts = _hosts(args)
+        results = ResultsDir(Path(args.out), _identity(args, dataset, config), host, hosts)
+        share = [(i, s) for i in indices for s in seeds][host::hosts]  # fixed before looking at DIR: hosts agree
+        done = {(r["index"], r["seed"]) for r in results.rows()}
+        pending = [task for task in share if task not in done]
+        runner = Sweep(dataset.num_classes, dataset.image_shape, config, restarts=args.restarts,
+                       model_seed=args.model_seed, engine=args.engine)
+        enable_compilation_cache()
+        if pending:
+            runner.compile(runner.lanes_for(len(pending), args.batch))  # refuses a batch too large, before DIR
+        results.open()
+        done = {(r["index"], r["seed"]) for r in results.rows()}  # another sweep may have finished some meanwhile
+        pending = [(i, s) for i, s in pending if (i, s) not in done]
+        _run(args, runner, dataset, position, pending, results)
+    except UsageError as error:
+        return fail(prog, error)
+    rows = results.rows()
+    with contextlib.suppress(Exception):
+        if hosts > 1:  # let every host finish its rows before one writes the summary
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("dlg_jax.sweep done")
+    if host == 0 or hosts == 1:
+        rows = results.rows()
+        summary = report.write(results.path, rows, results.identity)
+        if rows:
+            print(f"{summary['rows']} attacks in {results.path}: {summary['successes']} at PSNR >= "
+                  f"{report.SUCCESS_DB:.0f} dB ({100 * summary['success_rate']:.1f}%), median PSNR "
+                  f"{summary['median_psnr']:.2f} dB, labels {100 * summary['label_accuracy']:.1f}% right, "
+                  f"{summary['attacks_per_hour']:.0f} attacks/hour")
+    return 0
+
+
+def _run(args, runner: Sweep, dataset: data_lib.Dataset, position: dict[int, int], pending, results: ResultsDir):
+    """Attack the pending (index, seed) pairs, appending each chunk's rows as it finishes."""
+    if not pending:
+        return
+    from tqdm import tqdm
+
+    from dlg_jax.metrics import image_metrics
+
+    names = dataset.label_names
+    name = lambda c: names[c] if 0 <= c < len(names) else str(c)  # noqa: E731
+    tasks = [Task(position[i], s) for i, s in pending]
+    index_of = {position[i]: i for i, _ in pending}
+    keys = ("label_true", "label_pred", "grad_distance", "steps", "iterations", "evaluations", "seconds",
+            "compile_seconds", "status", "attempts", "restart", "restart_distances")
+
+    def save(outcomes: list[dict]) -> None:
+        rows, images = [], {}
+        for o in outcomes:
+            index, seed = index_of[o["task"].image], o["task"].seed
+            truth = dataset.images[o["task"].image]
+            m = image_metrics(truth[None] / 255.0, o["reconstruction"][None])
+            rows.append(dict(index=index, seed=seed, restarts=runner.restarts, label_name_true=name(o["label_true"]),
+                             label_name_pred=name(o["label_pred"]), mse=float(m["mse"][0]), psnr=float(m["psnr"][0]),
+                             ssim=float(m["ssim"][0]), **{k: o[k] for k in keys}))
+            images[(index, seed)] = (truth, o["reconstruction"])
+        results.append(rows, images)
+
+    with tqdm(total=len(tasks), unit="attack", desc="sweep", disable=args.quiet, dynamic_ncols=True,
+              smoothing=0.05) as bar:
+        def progress(finished: int, live: int) -> None:
+            bar.set_postfix(lanes=live, refresh=False)
+            bar.update(finished)
+
+        runner.run(dataset.images, dataset.labels, tasks, batch=args.batch, on_results=save, progress=progress)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
