@@ -375,8 +375,7 @@ class FlatEngine(_EngineBase):
         def one_lane(j, carry):
             values, grads = carry
             i = order[j]  # j < number of live lanes: a lane index in range
-            inputs = jax.lax.optimization_barrier((_take(point, i), _take(shared_grads, i), _take(known_labels, i)))
-            value, grad = jax.lax.optimization_barrier(one(*inputs))  # compiled as it is alone (see docstring)
+            value, grad = one(_take(point, i), _take(shared_grads, i), _take(known_labels, i))
             return _put(values, value, i), _put(grads, grad, i)
 
         def one_block(j, carry):

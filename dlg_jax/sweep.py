@@ -145,7 +145,7 @@ class Sweep:
         seconds = np.zeros(len(tasks))
         outcomes: list[dict | None] = [None] * len(tasks)
         local = lanes // len(engine.devices)
-        max_trips, done = 32, 0
+        max_trips = 32
         while queue or any(job is not None for job in slot_job):
             start = time.perf_counter()
             state = self._refill(programs, state, slot_job, queue, images, labels, tasks)
@@ -171,7 +171,6 @@ class Sweep:
                     finished.append(outcomes[t])
             if finished and on_results:
                 on_results(finished)
-            done += len(finished)
             if progress:
                 progress(len(finished), int(np.sum(out["live"])))
         return outcomes
@@ -478,9 +477,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         share = [(i, s) for i in indices for s in seeds][host::hosts]  # fixed before looking at DIR: hosts agree
         done = {(r["index"], r["seed"]) for r in results.rows()}
         pending = [task for task in share if task not in done]
+        enable_compilation_cache()
         runner = Sweep(dataset.num_classes, dataset.image_shape, config, restarts=args.restarts,
                        model_seed=args.model_seed, engine=args.engine)
-        enable_compilation_cache()
         if pending:
             runner.compile(runner.lanes_for(len(pending), args.batch))  # refuses a batch too large, before DIR
         results.open()
@@ -489,13 +488,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run(args, runner, dataset, position, pending, results)
     except UsageError as error:
         return fail(prog, error)
-    rows = results.rows()
     with contextlib.suppress(Exception):
-        if hosts > 1:  # let every host finish its rows before one writes the summary
+        if hosts > 1:  # let every host finish its rows before host 0 writes the summary (best effort)
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("dlg_jax.sweep done")
-    if host == 0 or hosts == 1:
+    if host == 0:
         rows = results.rows()
         summary = report.write(results.path, rows, results.identity)
         if rows:
