@@ -213,8 +213,7 @@ def retry(solver: jaxopt.LBFGS, config: AttackConfig, state: AttackState, proble
     failed = (state.status == STALLED) | (state.status == DIVERGED)
     again = failed & (state.attempt < config.retries) & (state.iterations < config.max_iterations)
     attempt = state.attempt + 1
-    keys = jax.random.split(jax.random.fold_in(problem.key, attempt), len(problem.init))
-    dummy = {name: standard_normal(k, x.shape, x.dtype) for k, (name, x) in zip(keys, sorted(problem.init.items()))}
+    dummy = fresh_dummy(problem.key, attempt, problem.init)
     fresh = solver.init_state(dummy, *problem.solver_args)
     pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(again, a, b), new, old)  # noqa: E731
     return state._replace(dummy=pick(dummy, state.dummy), solver_state=pick(fresh, state.solver_state),
@@ -248,6 +247,12 @@ def make_problem(apply_fn: ApplyFn, params: Params, images: jax.Array, labels: j
     else:
         raise ValueError(f"unknown label strategy {config.label_strategy!r}; choose from {LABEL_STRATEGIES}")
     return Problem(params, shared_grads, known_labels, init, key)
+
+
+def fresh_dummy(key: jax.Array, attempt: jax.Array, like: dict) -> dict:
+    """The N(0, 1) start of retry `attempt`: a dummy shaped `like`, from a key of its own."""
+    keys = jax.random.split(jax.random.fold_in(key, attempt), len(like))
+    return {name: standard_normal(k, x.shape, x.dtype) for k, (name, x) in zip(keys, sorted(like.items()))}
 
 
 def standard_normal(key: jax.Array, shape, dtype) -> jax.Array:

@@ -103,8 +103,7 @@ def build_problem(apply_fn, params, config: A.AttackConfig, num_classes: int, im
 
 def _fresh_dummy(key_data: jax.Array, attempt: jax.Array, init: dict) -> dict:
     """The N(0, 1) start of retry `attempt`, drawn exactly as `attack.retry` draws it."""
-    keys = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(key_data), attempt), len(init))
-    return {name: A.standard_normal(k, x.shape, x.dtype) for k, (name, x) in zip(keys, sorted(init.items()))}
+    return A.fresh_dummy(jax.random.wrap_key_data(key_data), attempt, init)
 
 
 def _select(mask: jax.Array, new, old):
