@@ -10,6 +10,12 @@ pixel for pixel (Zhu, Liu, Han, NeurIPS 2019). A batch of N images shares the gr
 the dummy is a batch of N. With label strategy `idlg` the labels are read off the shared gradient first
 (iDLG, Zhao et al., 2020; LLG counts for batches, Wainakh et al., 2022) and only the images are optimised.
 
+For N >= 4 CIFAR images this LeNet's gradient has fewer independent numbers than the batch has pixels (README,
+"Batches"), so D = 0 holds on a whole set of batches and gradient matching alone cannot say which one was
+private. An image prior then picks the natural one: pixels kept in [0, 1] (`pixel_range="sigmoid"`: the dummy
+holds logits z and the images are sigmoid(z)) and a total-variation penalty whose weight falls tenfold per
+stage down to 0 (`tv_weight`, `tv_stages`; Geiping et al., 2020 use TV for the same reason).
+
 Everything here is a pure function of arrays, so one attack, a `vmap` over many, or a sharded batch all run
 the same code.
 """
@@ -32,6 +38,7 @@ STATUS_NAMES = {RUNNING: "running", CONVERGED: "converged", MAX_STEPS: "max_step
                 STALLED: "stalled"}
 LABEL_STRATEGIES = ("joint", "idlg")
 OPTIMIZERS = ("lbfgs", "torch-lbfgs")
+PIXEL_RANGES = ("free", "sigmoid")
 
 
 def cross_entropy(logits: jax.Array, soft_labels: jax.Array) -> jax.Array:
@@ -54,6 +61,30 @@ def gradient_distance(dummy: dict, params: Params, shared_grads: Params, known_l
     dummy_grads = parameter_gradient(apply_fn, params, dummy["images"], labels)
     squared = jax.tree.map(lambda g, s: jnp.sum((g - s) ** 2), dummy_grads, shared_grads)
     return sum(jax.tree.leaves(squared))
+
+
+def total_variation(images: jax.Array, smoothing: float = 1e-4) -> jax.Array:
+    """Smoothed isotropic total variation  sum_{n,i,j,c} sqrt((x_{i,j} - x_{i+1,j})^2 + (x_{i,j} - x_{i,j+1})^2 + eps).
+
+    Small for piecewise-smooth natural images, large for the noise a gradient match leaves free; `eps` keeps
+    it differentiable where the image is flat, as LBFGS needs.
+    """
+    down = images[:, :-1, :-1] - images[:, 1:, :-1]
+    right = images[:, :-1, :-1] - images[:, :-1, 1:]
+    return jnp.sum(jnp.sqrt(down**2 + right**2 + smoothing))
+
+
+def dummy_images(dummy: dict, config: "AttackConfig") -> jax.Array:
+    """The images a dummy stands for: its pixels, or sigmoid of its logits when `pixel_range="sigmoid"`."""
+    return jax.nn.sigmoid(dummy["images"]) if config.pixel_range == "sigmoid" else dummy["images"]
+
+
+def attack_objective(dummy: dict, params: Params, shared_grads: Params, known_labels: jax.Array,
+                     prior_weight: jax.Array | float = 0.0, *, apply_fn: ApplyFn, config: "AttackConfig"):
+    """What LBFGS minimises: D of the dummy's images, plus `prior_weight` * TV when a prior is asked for."""
+    images = dummy_images(dummy, config)
+    value = gradient_distance({**dummy, "images": images}, params, shared_grads, known_labels, apply_fn)
+    return value + prior_weight * total_variation(images) if config.tv_weight > 0 else value
 
 
 def analytic_labels(last_weight_grad: jax.Array, n: int) -> jax.Array:
@@ -101,15 +132,38 @@ class AttackConfig:
     retries: int = 3  # fresh random starts after an attempt stalls or diverges
     probe_steps: int = 25  # an attempt must have cut D by `probe_reduction` after this many steps...
     probe_reduction: float = 1e-2  # ...or it counts as stalled
+    pixel_range: str = "free"  # "sigmoid": images = sigmoid(dummy), always in (0, 1) (an image prior for batches)
+    tv_weight: float = 0.0  # weight of total variation in the first stage (0: no prior, the paper's objective)...
+    tv_stages: int = 4  # ...divided by 10 at each of these equal stages of the steps, the last one at 0
 
     def __post_init__(self):
         for name, value, allowed in (("label_strategy", self.label_strategy, LABEL_STRATEGIES),
                                      ("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("pixel_range", self.pixel_range, PIXEL_RANGES),
                                      ("precision", self.precision, ("float32", "float64"))):
             if value not in allowed:
                 raise ValueError(f"{name} {value!r}: choose from {', '.join(allowed)}")
         if min(self.steps, self.iterations_per_step, self.history_size) <= 0:
             raise ValueError("steps, iterations_per_step and history_size must be positive")
+        if self.tv_weight < 0 or self.tv_stages <= 0 or (self.tv_weight > 0 and self.tv_stages > self.steps):
+            raise ValueError("tv_weight must be >= 0 and tv_stages between 1 and steps")
+        if self.optimizer == "torch-lbfgs" and self.has_prior:
+            raise ValueError("the image prior (pixel_range, tv_weight) is for the lbfgs optimizer; torch-lbfgs is the reference's")
+
+    @property
+    def has_prior(self) -> bool:
+        return self.pixel_range != "free" or self.tv_weight > 0
+
+    @property
+    def stage_iterations(self) -> int:
+        """Iterations of an attempt at one prior weight (the whole budget without a TV prior)."""
+        return self.max_iterations // self.tv_stages if self.tv_weight > 0 else self.max_iterations
+
+    def prior_weight(self, attempt_iterations: jax.Array) -> jax.Array:
+        """TV weight after `attempt_iterations` of an attempt: tv_weight / 10^stage, and 0 in the last stage."""
+        stage = attempt_iterations // self.stage_iterations
+        decayed = self.tv_weight * 10.0 ** (-stage.astype(self.dtype))
+        return jnp.where(stage >= self.tv_stages - 1, 0.0, decayed).astype(self.dtype)
 
     @property
     def max_iterations(self) -> int:
@@ -153,7 +207,7 @@ class AttackState(NamedTuple):
 
 def make_solver(apply_fn: ApplyFn, config: AttackConfig) -> jaxopt.LBFGS:
     return jaxopt.LBFGS(
-        fun=lambda dummy, *args: gradient_distance(dummy, *args, apply_fn=apply_fn),
+        fun=lambda dummy, *args: attack_objective(dummy, *args, apply_fn=apply_fn, config=config),
         history_size=config.history_size,
         linesearch=config.linesearch,
         maxls=config.max_linesearch_steps,
@@ -161,8 +215,8 @@ def make_solver(apply_fn: ApplyFn, config: AttackConfig) -> jaxopt.LBFGS:
     )
 
 
-def init_state(solver: jaxopt.LBFGS, problem: Problem) -> AttackState:
-    solver_state = solver.init_state(problem.init, *problem.solver_args)
+def init_state(solver: jaxopt.LBFGS, problem: Problem, prior_weight: jax.Array | float = 0.0) -> AttackState:
+    solver_state = solver.init_state(problem.init, *problem.solver_args, prior_weight)
     value = solver_state.value
     status = jnp.where(jnp.isfinite(value), RUNNING, DIVERGED)
     zero = jnp.zeros((), jnp.int32)
@@ -179,12 +233,15 @@ def advance(solver: jaxopt.LBFGS, config: AttackConfig, state: AttackState, prob
     """
     target = config.tolerance * sum(jnp.sum(g**2) for g in jax.tree.leaves(problem.shared_grads))
     probe_iteration = config.probe_steps * config.iterations_per_step
+    stage = (state.iterations - state.attempt_start) // config.stage_iterations  # the prior's weight is fixed in a stage
+    stage_end = state.attempt_start + (stage + 1) * config.stage_iterations
+    weight = config.prior_weight(state.iterations - state.attempt_start)
 
     def running(s: AttackState):
-        return (s.status == RUNNING) & (s.iterations < until)
+        return (s.status == RUNNING) & (s.iterations < until) & (s.iterations < stage_end)
 
     def iterate(s: AttackState) -> AttackState:
-        dummy, solver_state = solver.update(s.dummy, s.solver_state, *problem.solver_args)
+        dummy, solver_state = solver.update(s.dummy, s.solver_state, *problem.solver_args, weight)
         value = solver_state.value
         finite = jnp.isfinite(value) & jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(dummy)]))
         improved = finite & (value < s.best_value)
@@ -193,7 +250,7 @@ def advance(solver: jaxopt.LBFGS, config: AttackConfig, state: AttackState, prob
         stalled = ((iterations - s.attempt_start == probe_iteration) & (value > config.probe_reduction * s.attempt_value)
                    & (s.attempt < config.retries))
         status = jnp.select(
-            [~finite, value <= target, stalled, iterations >= config.max_iterations],
+            [~finite, (value <= target) & (weight == 0), stalled, iterations >= config.max_iterations],
             [DIVERGED, CONVERGED, STALLED, MAX_STEPS],
             RUNNING,
         )
@@ -214,7 +271,7 @@ def retry(solver: jaxopt.LBFGS, config: AttackConfig, state: AttackState, proble
     again = failed & (state.attempt < config.retries) & (state.iterations < config.max_iterations)
     attempt = state.attempt + 1
     dummy = fresh_dummy(problem.key, attempt, problem.init)
-    fresh = solver.init_state(dummy, *problem.solver_args)
+    fresh = solver.init_state(dummy, *problem.solver_args, config.prior_weight(jnp.zeros((), jnp.int32)))
     pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(again, a, b), new, old)  # noqa: E731
     return state._replace(dummy=pick(dummy, state.dummy), solver_state=pick(fresh, state.solver_state),
                           status=jnp.where(again, jnp.where(jnp.isfinite(fresh.value), RUNNING, DIVERGED),
@@ -223,6 +280,21 @@ def retry(solver: jaxopt.LBFGS, config: AttackConfig, state: AttackState, proble
                           attempt_start=jnp.where(again, state.iterations, state.attempt_start),
                           attempt_value=jnp.where(again, fresh.value, state.attempt_value),
                           earlier_evaluations=jnp.where(again, state.evaluations, state.earlier_evaluations))
+
+
+def next_stage(solver: jaxopt.LBFGS, config: AttackConfig, state: AttackState, problem: Problem) -> AttackState:
+    """At the end of a stage of the TV prior, go on from where the attempt is with the next, lower weight.
+
+    The objective changes there, so LBFGS starts a fresh memory; D's at different weights are not
+    comparable, so the best iterate is tracked anew from this point.
+    """
+    done = state.iterations - state.attempt_start
+    boundary = (state.status == RUNNING) & (done > 0) & (done % config.stage_iterations == 0)
+    fresh = solver.init_state(state.dummy, *problem.solver_args, config.prior_weight(done))
+    pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(boundary, a, b), new, old)  # noqa: E731
+    return state._replace(solver_state=pick(fresh, state.solver_state), best_dummy=pick(state.dummy, state.best_dummy),
+                          best_value=jnp.where(boundary, fresh.value, state.best_value),
+                          earlier_evaluations=jnp.where(boundary, state.evaluations, state.earlier_evaluations))
 
 
 def make_problem(apply_fn: ApplyFn, params: Params, images: jax.Array, labels: jax.Array, num_classes: int,
@@ -280,9 +352,13 @@ class Attack:
 
     def __post_init__(self):
         solver, config = make_solver(self.apply_fn, self.config), self.config
-        self._init = jax.jit(lambda problem: init_state(solver, problem))
-        self._advance = jax.jit(lambda state, problem, until: retry(
-            solver, config, advance(solver, config, state, problem, until), problem))
+        self._init = jax.jit(lambda problem: init_state(solver, problem, config.prior_weight(jnp.zeros((), jnp.int32))))
+
+        def chunk(state, problem, until):
+            state = retry(solver, config, advance(solver, config, state, problem, until), problem)
+            return next_stage(solver, config, state, problem) if config.tv_weight > 0 else state
+
+        self._advance = jax.jit(chunk)
         self.compile_seconds = 0.0
 
     def compile(self, problem: Problem) -> None:

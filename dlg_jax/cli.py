@@ -32,6 +32,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def enable_compilation_cache() -> Path:
     """Persist compiled XLA programs so a second run of the same attack skips compilation.
 
@@ -47,4 +57,4 @@ def enable_compilation_cache() -> Path:
     return path
 
 
-__all__ = ["ArgumentParser", "UsageError", "enable_compilation_cache", "fail", "positive_int"]
+__all__ = ["ArgumentParser", "UsageError", "enable_compilation_cache", "fail", "non_negative_float", "positive_int"]

@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dlg_jax import data as data_lib
-from dlg_jax.attack import LABEL_STRATEGIES, OPTIMIZERS, STATUS_NAMES, AttackConfig
-from dlg_jax.cli import ArgumentParser, enable_compilation_cache, fail, positive_int
+from dlg_jax.attack import LABEL_STRATEGIES, OPTIMIZERS, PIXEL_RANGES, STATUS_NAMES, AttackConfig
+from dlg_jax.cli import ArgumentParser, enable_compilation_cache, fail, non_negative_float, positive_int
 from dlg_jax.errors import UsageError
 from dlg_jax.ranges import parse_range
 
@@ -55,11 +55,29 @@ def build_parser() -> ArgumentParser:
                      help=f"LBFGS iterations per step (default {defaults.iterations_per_step})")
     att.add_argument("--precision", default=defaults.precision, choices=("float64", "float32"),
                      help=f"arithmetic of the attack (default {defaults.precision})")
+    att.add_argument("--pixel-range", default=defaults.pixel_range, choices=PIXEL_RANGES,
+                     help="free: optimise pixels directly (the paper); sigmoid: images = sigmoid(dummy), kept in "
+                          "(0, 1) (an image prior, for batches)")
+    att.add_argument("--tv-weight", type=non_negative_float, default=defaults.tv_weight,
+                     help="weight of a total-variation prior, divided by 10 per stage and 0 in the last "
+                          "(default 0: none; 1e-5 for batches, README 'Batches')")
+    att.add_argument("--tv-stages", type=positive_int, default=defaults.tv_stages,
+                     help=f"equal stages of the steps over which the TV weight falls (default {defaults.tv_stages})")
     att.add_argument("--seed", type=int, default=1234, help="seed of the dummy image and label (default 1234, the reference's)")
     att.add_argument("--model-seed", type=int, default=1234, help="seed of the U(-0.5,0.5) model weights (default 1234)")
     p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>)")
     p.add_argument("--quiet", action="store_true", help="do not print the gradient distance every 10 steps")
     return p
+
+
+def attack_config(args) -> AttackConfig:
+    """The AttackConfig the attack flags ask for; a contradiction among them is a usage error."""
+    try:
+        return AttackConfig(steps=args.steps, iterations_per_step=args.iterations_per_step,
+                            label_strategy=args.label_strategy, optimizer=args.optimizer, precision=args.precision,
+                            pixel_range=args.pixel_range, tv_weight=args.tv_weight, tv_stages=args.tv_stages)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def load_private_data(args) -> tuple[data_lib.Dataset, list[int], list[int]]:
@@ -100,7 +118,7 @@ def attack_images(images: np.ndarray, labels: np.ndarray, num_classes: int, conf
     import jax
     import jax.numpy as jnp
 
-    from dlg_jax.attack import Attack, make_problem, precision_scope, predicted_labels
+    from dlg_jax.attack import Attack, dummy_images, make_problem, precision_scope, predicted_labels
     from dlg_jax.models import LeNet, init_params
 
     model = LeNet(num_classes=num_classes)
@@ -121,15 +139,15 @@ def attack_images(images: np.ndarray, labels: np.ndarray, num_classes: int, conf
         snapshots = []
         for step in range(0, config.steps, snapshot_every):
             state = attack.advance(state, problem, step + 1)
-            snapshots.append((step, np.asarray(state.dummy["images"])))
+            snapshots.append((step, np.asarray(dummy_images(state.dummy, config))))
             if on_step:
                 on_step(dict(step=step, value=float(state.solver_state.value), evaluations=int(state.evaluations),
-                             best_images=np.asarray(state.best_dummy["images"])))
+                             best_images=np.asarray(dummy_images(state.best_dummy, config))))
         state = jax.block_until_ready(attack.advance(state, problem, config.steps))
         seconds = time.perf_counter() - start
         iterations = int(state.iterations)
         return dict(
-            reconstruction=np.asarray(state.best_dummy["images"], np.float64),
+            reconstruction=np.asarray(dummy_images(state.best_dummy, config), np.float64),
             label_pred=np.asarray(predicted_labels(state, problem)),
             label_true=np.asarray(labels),
             grad_distance=float(state.best_value),
@@ -235,8 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prog = parser.prog
     try:
-        config = AttackConfig(steps=args.steps, iterations_per_step=args.iterations_per_step,
-                              label_strategy=args.label_strategy, optimizer=args.optimizer, precision=args.precision)
+        config = attack_config(args)
         dataset, positions, indices = load_private_data(args)
         out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
         if out.exists() and not out.is_dir():

@@ -168,3 +168,54 @@ def test_diverged_attempts_are_retried_and_never_returned():
         healthy = attack.advance(attack.init(problem), problem, config.steps)
         assert np.isfinite(float(healthy.best_value)) and float(healthy.best_value) < float(
             A.gradient_distance(problem.init, *problem.solver_args, apply_fn))
+
+
+def test_total_variation_is_the_smoothed_isotropic_sum():
+    flat = jnp.full((2, 4, 4, 3), 0.3)
+    eps = 1e-4
+    assert float(A.total_variation(flat, eps)) == pytest.approx(2 * 3 * 3 * 3 * np.sqrt(eps), rel=1e-5)
+    step = jnp.zeros((1, 3, 3, 1)).at[:, :, 1:].set(1.0)  # a vertical edge between columns 0 and 1
+    # 2x2 positions see differences: rows 0-1, column 0 -> right = -1 (edge), column 1 -> 0.
+    expected = 2 * np.sqrt(1 + eps) + 2 * np.sqrt(eps)
+    assert float(A.total_variation(step, eps)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_prior_weight_falls_tenfold_per_stage_and_ends_at_zero():
+    config = A.AttackConfig(steps=6, iterations_per_step=2, tv_weight=1e-3, tv_stages=3)
+    assert config.stage_iterations == 4 and config.has_prior
+    weights = [float(config.prior_weight(jnp.asarray(i))) for i in range(12)]
+    assert weights[:4] == pytest.approx([1e-3] * 4) and weights[4:8] == pytest.approx([1e-4] * 4)
+    assert weights[8:] == [0.0] * 4
+    plain = A.AttackConfig()
+    assert not plain.has_prior and plain.stage_iterations == plain.max_iterations
+    assert float(plain.prior_weight(jnp.asarray(5))) == 0.0
+    with pytest.raises(ValueError, match="lbfgs optimizer"):
+        A.AttackConfig(optimizer="torch-lbfgs", pixel_range="sigmoid")
+
+
+def test_prior_attack_walks_through_its_stages_and_stays_in_pixel_range():
+    """Sigmoid pixels and a staged TV weight on a tiny batch of 2: every stage runs, the objective at
+    the end is D alone (last weight 0), the images lie in (0, 1) and the dummy fits the gradient."""
+    with jax.enable_x64(False):
+        model = LeNet(num_classes=4, channels=3)
+        params = init_params(model, 0, (8, 8, 1))
+        apply_fn = apply_fn_for(model)
+        images = jax.random.uniform(jax.random.key(1), (2, 8, 8, 1))
+        config = A.AttackConfig(steps=8, iterations_per_step=10, precision="float32", label_strategy="idlg",
+                                pixel_range="sigmoid", tv_weight=1e-2, tv_stages=4, tolerance=0.0, retries=0)
+        problem = A.make_problem(apply_fn, params, images, jnp.array([1, 3]), 4, config, seed=0)
+        attack = A.Attack(apply_fn, config)
+        state = attack.init(problem)
+        values = []
+        for step in (2, 4, 6, 8):  # one stage each
+            state = attack.advance(state, problem, step)
+            assert int(state.iterations) == step * config.iterations_per_step
+            values.append(float(state.best_value))
+        reconstruction = A.dummy_images(state.best_dummy, config)
+        assert float(reconstruction.min()) > 0.0 and float(reconstruction.max()) < 1.0
+        d_only = float(A.gradient_distance({"images": reconstruction}, *problem.solver_args, apply_fn))
+        assert float(state.best_value) == pytest.approx(d_only, rel=1e-4)  # weight 0 in the last stage
+        start = float(A.gradient_distance({"images": jax.nn.sigmoid(problem.init["images"])},
+                                          *problem.solver_args, apply_fn))
+        assert d_only < 1e-2 * start
+        assert values == sorted(values, reverse=True)  # a lower weight, a lower objective

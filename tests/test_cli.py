@@ -78,6 +78,11 @@ def test_cli_image_file_source(tmp_path):
     (["--data", str(CIFAR100), "--indices", "1,2", "--batch-size", "2"], "either --indices or --index"),
     (["--data", str(CIFAR100), "--batch-size", "0"], "--batch-size"),
     (["--image", "a.png", "b.png", "--label", "3"], "1 label(s) for 2 image(s)"),
+    (["--tv-weight", "-1"], "--tv-weight"),
+    (["--tv-weight", "nan"], "--tv-weight"),
+    (["--pixel-range", "clip"], "--pixel-range"),
+    (["--tv-weight", "1e-5", "--optimizer", "torch-lbfgs"], "for the lbfgs optimizer"),
+    (["--tv-weight", "1e-5", "--steps", "3", "--tv-stages", "4"], "tv_stages between 1 and steps"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, fragment):
     out = tmp_path / "out"
