@@ -88,15 +88,16 @@ def restart_seed(seed: jax.Array, restart: jax.Array) -> jax.Array:
     return jnp.where(restart == 0, seed, derived)
 
 
-def build_problem(apply_fn, params, config: A.AttackConfig, num_classes: int, image: jax.Array, label: jax.Array,
+def build_problem(apply_fn, params, config: A.AttackConfig, num_classes: int, images: jax.Array, labels: jax.Array,
                   seed: jax.Array, restart: jax.Array) -> tuple[A.Problem, jax.Array]:
-    """The attack on one uint8 image (H, W, C), as `dlg_jax.run` sets it up, for restart `restart`.
+    """The attack on the mean gradient of uint8 images (N, H, W, C) with labels (N,), as `dlg_jax.run` sets it
+    up, for restart `restart` (N = 1: one image).
 
     Returns the problem (params None: lanes share them; `key` as raw key data, which every transform carries)
     and the convergence target of `attack.advance`.
     """
-    pixels = jnp.asarray(image, config.dtype)[None] / 255.0
-    problem = A.make_problem(apply_fn, params, pixels, label[None], num_classes, config, restart_seed(seed, restart))
+    pixels = jnp.asarray(images, config.dtype) / 255.0
+    problem = A.make_problem(apply_fn, params, pixels, labels, num_classes, config, restart_seed(seed, restart))
     target = config.tolerance * sum(jnp.sum(g**2) for g in jax.tree.leaves(problem.shared_grads))
     return problem._replace(params=None, key=jax.random.key_data(problem.key)), target
 
@@ -184,9 +185,10 @@ class _EngineBase:
     """
 
     def __init__(self, apply_fn, params, config: A.AttackConfig, num_classes: int, image_shape: Sequence[int],
-                 devices: Sequence[jax.Device] | None = None):
+                 devices: Sequence[jax.Device] | None = None, batch_size: int = 1):
         self.apply_fn, self.params, self.config = apply_fn, params, config
-        self.num_classes, self.image_shape = num_classes, tuple(image_shape)
+        self.num_classes, self.batch_size = num_classes, batch_size
+        self.image_shape = (batch_size, *image_shape)  # what one lane attacks: a batch of N images
         self.solver = A.make_solver(apply_fn, config)
         self.devices = list(devices or jax.local_devices())
         self.mesh = Mesh(np.array(self.devices), (AXIS,))
@@ -243,7 +245,7 @@ class _EngineBase:
         params_abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=self.replicated),
                                        self.params)
         per_lane = lambda shape, dtype: jax.ShapeDtypeStruct((batch, *shape), dtype, sharding=self.lane_sharding)  # noqa: E731
-        jobs = (per_lane((), bool), per_lane(self.image_shape, jnp.uint8), per_lane((), jnp.int32),
+        jobs = (per_lane((), bool), per_lane(self.image_shape, jnp.uint8), per_lane((self.batch_size,), jnp.int32),
                 per_lane((), jnp.int32), per_lane((), jnp.int32))
         run = run.lower(lanes_abstract, params_abstract, scalar, scalar).compile()
         memory = run.memory_analysis()
@@ -270,7 +272,7 @@ class _EngineBase:
 
     def _outcome(self, best_dummy, known_labels, best_value, status, attempt, iterations, evaluations, live, occupied):
         labels = best_dummy.get("label_logits", known_labels)
-        return dict(images=best_dummy["images"][:, 0], label_pred=jnp.argmax(labels[:, 0], axis=-1),
+        return dict(images=A.dummy_images(best_dummy, self.config), label_pred=jnp.argmax(labels, axis=-1),
                     grad_distance=best_value, status=status, attempts=attempt + 1, iterations=iterations,
                     evaluations=evaluations, live=live, occupied=occupied)
 
@@ -285,6 +287,8 @@ class FlatEngine(_EngineBase):
         if config.optimizer != "lbfgs" or config.linesearch != "backtracking" or ls.condition != "strong-wolfe":
             raise ValueError("FlatEngine runs jaxopt LBFGS with the strong-Wolfe backtracking line search only "
                              f"(optimizer {config.optimizer!r}, linesearch {config.linesearch!r}): use NaiveEngine")
+        if config.tv_weight > 0:
+            raise ValueError("FlatEngine does not run the staged TV prior (tv_weight > 0): use NaiveEngine")
         self.history = solver.history_size
         self.ls = dict(c1=ls.c1, c2=ls.c2, decrease=ls.decrease_factor, tol=ls.tol, maxls=ls.maxiter,
                        max_stepsize=ls.max_stepsize)
@@ -298,7 +302,7 @@ class FlatEngine(_EngineBase):
     # ---- lane creation
     def _blank(self, batch: int) -> Lanes:
         problem, target = jax.eval_shape(
-            lambda: self._problems(jnp.zeros((1, *self.image_shape), jnp.uint8), jnp.zeros((1,), jnp.int32),
+            lambda: self._problems(jnp.zeros((1, *self.image_shape), jnp.uint8), jnp.zeros((1, self.batch_size), jnp.int32),
                                    jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32), self.params))
         one = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), (problem, target))
         lane = self._start(*one)
@@ -619,10 +623,12 @@ class NaiveEngine(_EngineBase):
         return problem._replace(params=params, key=jax.random.wrap_key_data(problem.key))
 
     def _start(self, problem, params):
-        return A.init_state(self.solver, self._with_params(problem, params))
+        first_weight = self.config.prior_weight(jnp.zeros((), jnp.int32))
+        return A.init_state(self.solver, self._with_params(problem, params), first_weight)
 
     def _blank(self, batch: int) -> NaiveLanes:
-        problems, _ = self._problems(jnp.zeros((batch, *self.image_shape), jnp.uint8), jnp.zeros((batch,), jnp.int32),
+        problems, _ = self._problems(jnp.zeros((batch, *self.image_shape), jnp.uint8),
+                                     jnp.zeros((batch, self.batch_size), jnp.int32),
                                      jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32), self.params)
         states = jax.vmap(self._start, in_axes=(0, None))(problems, self.params)
         return jax.tree.map(jnp.zeros_like, NaiveLanes(jnp.zeros((batch,), bool), problems, states))
@@ -638,7 +644,8 @@ class NaiveEngine(_EngineBase):
         def lane(state, problem, occupied):
             problem = self._with_params(problem, params)
             until = jnp.where(occupied, jnp.minimum(state.iterations + self.chunk_iterations, config.max_iterations), 0)
-            return A.retry(solver, config, A.advance(solver, config, state, problem, until), problem)
+            state = A.retry(solver, config, A.advance(solver, config, state, problem, until), problem)
+            return A.next_stage(solver, config, state, problem) if config.tv_weight > 0 else state
 
         def live(lanes):
             return lanes.occupied & (lanes.state.status == A.RUNNING)

@@ -16,6 +16,19 @@ import numpy as np
 SUCCESS_DB = 30.0  # a reconstruction at PSNR >= 30 dB counts as recovered (as experiments/benchmark_attacks.py)
 
 
+def image_rows(rows: Sequence[dict]) -> list[dict]:
+    """One entry per private image: a row of one image as it is; a batch row's per-image rows, each with the
+    batch's keys (`batch_index`: the row's index; `slot`: its place in the saved reconstruction)."""
+    out = []
+    for r in rows:
+        if "images" not in r:
+            out.append(dict(r, batch_index=r["index"], slot=None))
+            continue
+        for k, image in enumerate(r["images"]):
+            out.append(dict({key: v for key, v in r.items() if key != "images"}, **image, batch_index=r["index"], slot=k))
+    return out
+
+
 def summarise(rows: Sequence[dict]) -> dict:
     """Success rate, PSNR statistics, label accuracy and throughput of a list of result rows.
 
@@ -25,7 +38,8 @@ def summarise(rows: Sequence[dict]) -> dict:
     """
     if not rows:
         return dict(rows=0)
-    psnr = np.array([r["psnr"] for r in rows], np.float64)
+    images = image_rows(rows)
+    psnr = np.array([r["psnr"] for r in images], np.float64)
     seconds = float(sum(r["seconds"] for r in rows))
     statuses: dict[str, int] = {}
     for r in rows:
@@ -33,7 +47,8 @@ def summarise(rows: Sequence[dict]) -> dict:
     finite = psnr[np.isfinite(psnr)]
     return dict(
         rows=len(rows),
-        images=len({r["index"] for r in rows}),
+        images=len({r["index"] for r in images}),
+        batch_size=len(images) // len(rows),
         seeds=len({r["seed"] for r in rows}),
         restarts=int(rows[0].get("restarts", 1)),
         success_db=SUCCESS_DB,
@@ -41,7 +56,8 @@ def summarise(rows: Sequence[dict]) -> dict:
         success_rate=float((psnr >= SUCCESS_DB).mean()),
         median_psnr=float(np.median(finite)) if len(finite) else float("nan"),
         mean_psnr=float(np.mean(finite)) if len(finite) else float("nan"),
-        label_accuracy=float(np.mean([r["label_pred"] == r["label_true"] for r in rows])),
+        label_accuracy=float(np.mean([r["label_accuracy"] if "label_accuracy" in r else r["label_pred"] == r["label_true"]
+                                      for r in rows])),
         median_evaluations=float(np.median([r["evaluations"] for r in rows])),
         attack_seconds=seconds,
         attacks_per_hour=len(rows) / seconds * 3600.0 if seconds > 0 else float("nan"),
@@ -53,26 +69,28 @@ def markdown(summary: dict, rows: Sequence[dict], config: dict, worst: int = 10)
     if not rows:
         return "# Sweep summary\n\nNo finished attacks yet.\n"
     s = summary
+    images = image_rows(rows)
     lines = [
         "# Sweep summary",
         "",
-        f"{s['rows']} attacks: {s['images']} images x {s['seeds']} seeds, best of {s['restarts']} restart(s) each.",
+        f"{s['rows']} attacks: {s['images']} images x {s['seeds']} seeds, best of {s['restarts']} restart(s) each"
+        + (f", on batches of {s['batch_size']} images (PSNR per image, matched)." if s["batch_size"] > 1 else "."),
         "",
-        f"| attacks | PSNR >= {SUCCESS_DB:.0f} dB | median PSNR | mean PSNR | labels right | median evaluations "
+        f"| attacks | images at PSNR >= {SUCCESS_DB:.0f} dB | median PSNR | mean PSNR | labels right | median evaluations "
         "| attacks per hour |",
         "|---|---|---|---|---|---|---|",
-        f"| {s['rows']} | {s['successes']}/{s['rows']} ({100 * s['success_rate']:.1f}%) | {s['median_psnr']:.2f} | "
+        f"| {s['rows']} | {s['successes']}/{len(images)} ({100 * s['success_rate']:.1f}%) | {s['median_psnr']:.2f} | "
         f"{s['mean_psnr']:.2f} | {100 * s['label_accuracy']:.1f}% | {s['median_evaluations']:.0f} | "
         f"{s['attacks_per_hour']:.0f} |",
         "",
         "Status: " + ", ".join(f"{k} {v}" for k, v in s["statuses"].items()) + ".",
         "",
-        f"## Worst {min(worst, len(rows))} by PSNR",
+        f"## Worst {min(worst, len(images))} images by PSNR",
         "",
         "| index | seed | PSNR | SSIM | label true/pred | grad distance | status | attempts | evaluations |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=_psnr_key)[:worst]:
+    for r in sorted(images, key=_psnr_key)[:worst]:
         lines.append(f"| {r['index']} | {r['seed']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['label_true']}/"
                      f"{r['label_pred']} | {r['grad_distance']:.3g} | {r['status']} | {r['attempts']} | "
                      f"{r['evaluations']} |")
@@ -93,14 +111,14 @@ def save_histogram(path: Path, rows: Sequence[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    psnr = np.array([r["psnr"] for r in rows], np.float64)
+    psnr = np.array([r["psnr"] for r in image_rows(rows)], np.float64)
     psnr = psnr[np.isfinite(psnr)]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(psnr, bins=max(10, min(60, len(psnr) // 3 or 1)), color="tab:blue", alpha=0.8)
     ax.axvline(SUCCESS_DB, color="tab:red", linestyle="--", label=f"{SUCCESS_DB:.0f} dB")
     ax.set_xlabel("PSNR (dB)")
-    ax.set_ylabel("attacks")
-    ax.set_title(f"{len(rows)} attacks, {int((psnr >= SUCCESS_DB).sum())} at >= {SUCCESS_DB:.0f} dB")
+    ax.set_ylabel("images")
+    ax.set_title(f"{len(psnr)} images, {int((psnr >= SUCCESS_DB).sum())} at >= {SUCCESS_DB:.0f} dB")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -115,11 +133,15 @@ def save_worst(path: Path, rows: Sequence[dict], images_dir: Path, count: int = 
     import matplotlib.pyplot as plt
 
     chosen = []
-    for r in sorted(rows, key=_psnr_key):
-        file = images_dir / image_name(r["index"], r["seed"])
+    images = image_rows(rows)
+    for r in sorted(images, key=_psnr_key):
+        file = images_dir / image_name(r["batch_index"], r["seed"])
         if file.exists():
             with np.load(file) as saved:
-                chosen.append((r, saved["truth"] / 255.0, saved["reconstruction"].astype(np.float64)))
+                truth, recon = saved["truth"] / 255.0, saved["reconstruction"].astype(np.float64)
+            if r["slot"] is not None:
+                truth, recon = truth[r["slot"]], recon[r["slot"]]
+            chosen.append((r, truth, recon))
         if len(chosen) == count:
             break
     if not chosen:
@@ -137,7 +159,7 @@ def save_worst(path: Path, rows: Sequence[dict], images_dir: Path, count: int = 
             ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None,
                       vmin=0.0, vmax=1.0)
             ax.set_title(title, fontsize=6)
-    fig.suptitle(f"worst {len(chosen)} of {len(rows)} by PSNR: truth | reconstruction", fontsize=8)
+    fig.suptitle(f"worst {len(chosen)} of {len(images)} images by PSNR: truth | reconstruction", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

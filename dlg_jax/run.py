@@ -205,32 +205,17 @@ def write_outputs(out: Path, dataset: data_lib.Dataset, positions: Sequence[int]
     A batch comes back in any order: its reconstructions are matched to the private images first
     (minimum-cost assignment on MSE), then judged pair by pair.
     """
-    from dlg_jax.metrics import image_metrics, match_to_truth
     from dlg_jax.plots import save_history, save_reconstruction
 
     truth = dataset.images[list(positions)] / 255.0
-    order = match_to_truth(truth, outcome["reconstruction"])
-    reconstruction, label_pred = outcome["reconstruction"][order], outcome["label_pred"][order]
-    metrics = image_metrics(truth, reconstruction)
-    names = dataset.label_names
-    name = lambda c: names[c] if 0 <= c < len(names) else str(c)  # noqa: E731
-    per_image = [
-        dict(index=int(i), label_true=int(t), label_pred=int(p), label_name_true=name(int(t)),
-             label_name_pred=name(int(p)), mse=float(m), psnr=float(q), ssim=float(s))
-        for i, t, p, m, q, s in zip(indices, outcome["label_true"], label_pred, metrics["mse"], metrics["psnr"],
-                                    metrics["ssim"])
-    ]
+    result, order = judge(truth, outcome["reconstruction"], outcome["label_pred"], outcome["label_true"], indices,
+                          dataset.label_names)
+    per_image = result.get("images", [result])
     out.mkdir(parents=True, exist_ok=True)
     save_history(out / "history.png", [(step, images[order]) for step, images in outcome["snapshots"]])
     captions = [(f"truth #{r['index']}: {r['label_true']} {r['label_name_true']}",
                  f"DLG: {r['label_pred']} {r['label_name_pred']}, {r['psnr']:.1f} dB") for r in per_image]
-    save_reconstruction(out / "reconstruction.png", truth, reconstruction, captions)
-    if len(per_image) == 1:
-        result = dict(per_image[0])
-    else:
-        result = dict(indices=[int(i) for i in indices], batch_size=len(per_image),
-                      **{k: float(np.mean(metrics[k])) for k in ("mse", "psnr", "ssim")},
-                      label_accuracy=multiset_accuracy(outcome["label_pred"], outcome["label_true"]), images=per_image)
+    save_reconstruction(out / "reconstruction.png", truth, outcome["reconstruction"][order], captions)
     result.update({k: outcome[k] for k in ("grad_distance", "steps", "iterations", "evaluations", "seconds",
                                            "compile_seconds", "status", "attempts")})
     result.update(source=dataset.source, seed=args.seed, model_seed=args.model_seed, config=dataclasses.asdict(config))
@@ -238,6 +223,34 @@ def write_outputs(out: Path, dataset: data_lib.Dataset, positions: Sequence[int]
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out / "result.json")
     return result
+
+
+def judge(truth: np.ndarray, reconstruction: np.ndarray, label_pred, label_true, indices: Sequence[int],
+          names: Sequence[str]) -> tuple[dict, np.ndarray]:
+    """Judge a reconstruction of private images (truth in [0, 1], NHWC): result.json's image keys, and the order
+    that matches the reconstructions to the truth (`reconstruction[order]`).
+
+    A batch comes back in any order: its reconstructions are matched to the private images first
+    (minimum-cost assignment on MSE), then judged pair by pair; the result then has a row per image, the
+    means and the label accuracy as multisets. One image gives its row alone.
+    """
+    from dlg_jax.metrics import image_metrics, match_to_truth
+
+    order = match_to_truth(truth, reconstruction)
+    metrics = image_metrics(truth, np.asarray(reconstruction)[order])
+    label_pred, label_true = np.asarray(label_pred).reshape(-1), np.asarray(label_true).reshape(-1)
+    name = lambda c: names[c] if 0 <= c < len(names) else str(c)  # noqa: E731
+    per_image = [
+        dict(index=int(i), label_true=int(t), label_pred=int(p), label_name_true=name(int(t)),
+             label_name_pred=name(int(p)), mse=float(m), psnr=float(q), ssim=float(s))
+        for i, t, p, m, q, s in zip(indices, label_true, label_pred[order], metrics["mse"], metrics["psnr"],
+                                    metrics["ssim"])
+    ]
+    if len(per_image) == 1:
+        return dict(per_image[0]), order
+    return dict(indices=[int(i) for i in indices], batch_size=len(per_image),
+                **{k: float(np.mean(metrics[k])) for k in ("mse", "psnr", "ssim")},
+                label_accuracy=multiset_accuracy(label_pred, label_true), images=per_image), order
 
 
 def multiset_accuracy(predicted: Sequence[int], true: Sequence[int]) -> float:

@@ -37,8 +37,9 @@ import numpy as np
 
 from dlg_jax import data as data_lib
 from dlg_jax import report
-from dlg_jax.attack import LABEL_STRATEGIES, OPTIMIZERS, STATUS_NAMES, AttackConfig
-from dlg_jax.cli import ArgumentParser, enable_compilation_cache, fail, positive_int
+from dlg_jax import run as run_lib
+from dlg_jax.attack import LABEL_STRATEGIES, OPTIMIZERS, PIXEL_RANGES, STATUS_NAMES, AttackConfig
+from dlg_jax.cli import ArgumentParser, enable_compilation_cache, fail, non_negative_float, positive_int
 from dlg_jax.errors import UsageError
 from dlg_jax.ranges import parse_range
 
@@ -52,11 +53,15 @@ class BatchTooLarge(UsageError):
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """One row of a sweep: the attack on image `image` (a position in the images passed to `Sweep.run`)
-    from `seed`."""
+    """One row of a sweep: the attack on image `image` (a position in the images passed to `Sweep.run`), or
+    on the mean gradient of a batch of images (a tuple of positions), from `seed`."""
 
-    image: int
+    image: int | tuple[int, ...]
     seed: int
+
+    @property
+    def positions(self) -> list[int]:
+        return list(self.image) if isinstance(self.image, tuple) else [self.image]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -73,14 +78,16 @@ class Sweep:
     """
 
     def __init__(self, num_classes: int, image_shape: Sequence[int], config: AttackConfig = AttackConfig(), *,
-                 restarts: int = 1, model_seed: int = 1234, devices=None, engine: str = "flat"):
+                 restarts: int = 1, model_seed: int = 1234, devices=None, engine: str = "auto", batch_size: int = 1):
         from dlg_jax.attack import precision_scope
         from dlg_jax.batched import ENGINES
         from dlg_jax.models import LeNet, init_params
 
-        if restarts <= 0:
-            raise ValueError(f"restarts must be positive, got {restarts}")
-        self.config, self.restarts, self.num_classes = config, restarts, num_classes
+        if restarts <= 0 or batch_size <= 0:
+            raise ValueError(f"restarts and batch_size must be positive, got {restarts} and {batch_size}")
+        if engine == "auto":  # the flat engine is the fast one; the vmap one also runs the staged TV prior
+            engine = "vmap" if config.tv_weight > 0 else "flat"
+        self.config, self.restarts, self.num_classes, self.batch_size = config, restarts, num_classes, batch_size
         self.image_shape = tuple(image_shape)
         with precision_scope(config):
             import jax
@@ -89,7 +96,8 @@ class Sweep:
             model = LeNet(num_classes=num_classes)
             params = jax.tree.map(lambda p: jnp.asarray(p, config.dtype), init_params(model, model_seed, image_shape))
             apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
-            self.engine = ENGINES[engine](apply_fn, params, config, num_classes, self.image_shape, devices)
+            self.engine = ENGINES[engine](apply_fn, params, config, num_classes, self.image_shape, devices,
+                                          batch_size=batch_size)
         self.compile_seconds = 0.0
 
     def scope(self):
@@ -114,17 +122,22 @@ class Sweep:
     def run(self, images: np.ndarray, labels: np.ndarray, tasks: Sequence[Task], *, batch: int = 64,
             on_results: Callable[[list[dict]], None] | None = None,
             progress: Callable[[int, int], None] | None = None) -> list[dict]:
-        """Attack every task; `images` uint8 (N, H, W, C) and `labels` (N,) are indexed by `Task.image`.
+        """Attack every task; `images` uint8 (N, H, W, C) and `labels` (N,) are indexed by `Task.image`
+        (a tuple of `batch_size` positions when batch_size > 1).
 
         `on_results(outcomes)` gets the tasks finished in each chunk as soon as it ends (write them durably
         there), `progress(finished, live lanes)` after every chunk. Each outcome holds `task`,
-        `reconstruction` (H, W, C float64), `label_pred`, `label_true`, `grad_distance` (of the kept restart),
+        `reconstruction` (H, W, C float64; (N, H, W, C) for a batch), `label_pred`, `label_true` (ints; lists in
+        the batch's order for a batch, unmatched), `grad_distance` (of the kept restart),
         `restart`, `restart_distances`, `status`, `attempts`, `iterations`, `steps`, `evaluations` (all of the
         kept restart), `seconds` (this task's share of the device time, all restarts) and `compile_seconds`.
         """
         tasks = list(tasks)
         if not tasks:
             return []
+        wrong = [t for t in tasks if len(t.positions) != self.batch_size]
+        if wrong:
+            raise ValueError(f"task {wrong[0]}: {len(wrong[0].positions)} image(s), batch_size is {self.batch_size}")
         lanes = self.lanes_for(len(tasks), batch)
         programs = self.compile(lanes)
         with self.scope():
@@ -181,15 +194,16 @@ class Sweep:
             return state
         lanes = len(slot_job)
         mask = np.zeros(lanes, bool)
-        batch_images = np.zeros((lanes, *self.image_shape), np.uint8)
-        batch_labels, seeds, restarts = (np.zeros(lanes, np.int32) for _ in range(3))
+        batch_images = np.zeros((lanes, self.batch_size, *self.image_shape), np.uint8)
+        batch_labels = np.zeros((lanes, self.batch_size), np.int32)
+        seeds, restarts = (np.zeros(lanes, np.int32) for _ in range(2))
         for i in free:
             if not queue:
                 break
             t, r = queue.popleft()
             slot_job[i], mask[i] = (t, r), True
-            batch_images[i] = images[tasks[t].image]
-            batch_labels[i], seeds[i], restarts[i] = labels[tasks[t].image], tasks[t].seed, r
+            batch_images[i] = images[tasks[t].positions]
+            batch_labels[i], seeds[i], restarts[i] = labels[tasks[t].positions], tasks[t].seed, r
         return self.engine.fill(programs, state, mask, batch_images, batch_labels, seeds, restarts)
 
     def _outcome(self, task: Task, labels, restarts: dict[int, dict], seconds: float) -> dict:
@@ -198,8 +212,11 @@ class Sweep:
         best = min(range(self.restarts), key=lambda r: distances[r] if np.isfinite(distances[r]) else np.inf)
         kept = restarts[best]
         iterations = int(kept["iterations"])
-        return dict(task=task, reconstruction=np.asarray(kept["images"], np.float64),
-                    label_pred=int(kept["label_pred"]), label_true=int(labels[task.image]),
+        images, predicted = np.asarray(kept["images"], np.float64), [int(c) for c in kept["label_pred"]]
+        true = [int(labels[p]) for p in task.positions]
+        if not isinstance(task.image, tuple):  # one image: as dlg_jax.run reports it
+            images, predicted, true = images[0], predicted[0], true[0]
+        return dict(task=task, reconstruction=images, label_pred=predicted, label_true=true,
                     grad_distance=distances[best], restart=best, restart_distances=distances,
                     status=STATUS_NAMES[int(kept["status"])], attempts=int(kept["attempts"]), iterations=iterations,
                     steps=-(-iterations // self.config.iterations_per_step), evaluations=int(kept["evaluations"]),
@@ -208,12 +225,17 @@ class Sweep:
 
 def sweep(images: np.ndarray, labels: np.ndarray, num_classes: int, config: AttackConfig = AttackConfig(),
           seeds: Iterable[int] = (1234,), *, restarts: int = 1, batch: int = 64, model_seed: int = 1234,
-          devices=None, engine: str = "flat", **run_options) -> list[dict]:
-    """Attack every image (uint8 NHWC) from every seed; outcomes in image-major order (see `Sweep.run`)."""
+          devices=None, engine: str = "auto", batch_size: int = 1, **run_options) -> list[dict]:
+    """Attack every image (uint8 NHWC) from every seed; outcomes in image-major order (see `Sweep.run`).
+
+    With `batch_size` N > 1 the attacks are on batches of N consecutive images (a last partial batch is left out).
+    """
     images = np.asarray(images)
     runner = Sweep(num_classes, images.shape[1:], config, restarts=restarts, model_seed=model_seed, devices=devices,
-                   engine=engine)
-    tasks = [Task(n, int(s)) for n in range(len(images)) for s in seeds]
+                   engine=engine, batch_size=batch_size)
+    groups = [n if batch_size == 1 else tuple(range(n, n + batch_size))
+              for n in range(0, len(images) - batch_size + 1, batch_size)]
+    tasks = [Task(g, int(s)) for g in groups for s in seeds]
     return runner.run(images, labels, tasks, batch=batch, **run_options)
 
 
@@ -391,8 +413,11 @@ def build_parser() -> ArgumentParser:
     sw.add_argument("--batch", type=positive_int, default=64,
                     help="attacks (lanes) per compiled program, over all local devices (default 64)")
     sw.add_argument("--out", required=True, help="results directory; rerun the same command to resume")
-    sw.add_argument("--engine", default="flat", choices=("flat", "vmap"),
-                    help="flat: one evaluation per lane per loop trip (default); vmap: vmap of attack.advance (slow, for comparison)")
+    sw.add_argument("--batch-size", type=positive_int, default=1,
+                    help="attack the mean gradient of N images: --indices taken N at a time, consecutive (default 1)")
+    sw.add_argument("--engine", default="auto", choices=("auto", "flat", "vmap"),
+                    help="flat: one evaluation per lane per loop trip; vmap: vmap of attack.advance (slower; the one that "
+                         "runs --tv-weight); auto (default): flat unless --tv-weight asks for vmap")
     sw.add_argument("--distributed", action="store_true",
                     help="multi-host: jax.distributed.initialize() (auto-detected on TPU pods, SLURM; or the next flags)")
     sw.add_argument("--coordinator", default=None, help="with --distributed: coordinator address host:port")
@@ -411,6 +436,12 @@ def build_parser() -> ArgumentParser:
                      help=f"LBFGS iterations per step (default {defaults.iterations_per_step})")
     att.add_argument("--precision", default=defaults.precision, choices=("float64", "float32"),
                      help=f"arithmetic of the attack (default {defaults.precision})")
+    att.add_argument("--pixel-range", default=defaults.pixel_range, choices=PIXEL_RANGES,
+                     help="free (default) or sigmoid: images = sigmoid(dummy), in (0, 1); an image prior for batches")
+    att.add_argument("--tv-weight", type=non_negative_float, default=defaults.tv_weight,
+                     help="total-variation prior weight, /10 per stage, 0 in the last (default 0; 1e-5 for batches)")
+    att.add_argument("--tv-stages", type=positive_int, default=defaults.tv_stages,
+                     help=f"stages of the TV weight (default {defaults.tv_stages})")
     att.add_argument("--model-seed", type=int, default=1234, help="seed of the U(-0.5,0.5) model weights (default 1234)")
     return p
 
@@ -418,11 +449,9 @@ def build_parser() -> ArgumentParser:
 def _config(args) -> AttackConfig:
     if args.optimizer != "lbfgs":
         raise UsageError(f"--optimizer {args.optimizer}: sweeps run jaxopt LBFGS; use dlg_jax.run for {args.optimizer}")
-    try:
-        return AttackConfig(steps=args.steps, iterations_per_step=args.iterations_per_step,
-                            label_strategy=args.label_strategy, optimizer=args.optimizer, precision=args.precision)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    if args.engine == "flat" and args.tv_weight > 0:
+        raise UsageError("--tv-weight runs on --engine vmap (or auto), not flat")
+    return run_lib.attack_config(args)
 
 
 def _load(args, indices: list[int]) -> tuple[data_lib.Dataset, dict[int, int]]:
@@ -439,7 +468,8 @@ def _identity(args, dataset: data_lib.Dataset, config: AttackConfig) -> dict:
     """What the rows depend on: a rerun in the same DIR must match it (the work list may grow)."""
     source = str(Path(args.data).resolve()) if args.data else f"tfds {args.dataset}[{args.split}]"
     return dict(data=dict(source=source, image_shape=list(dataset.image_shape), num_classes=dataset.num_classes),
-                attack=dataclasses.asdict(config), model_seed=args.model_seed, restarts=args.restarts)
+                attack=dataclasses.asdict(config), model_seed=args.model_seed, restarts=args.restarts,
+                batch_size=args.batch_size)
 
 
 def _hosts(args) -> tuple[int, int]:
@@ -471,21 +501,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
         if bad:
             raise UsageError(f"--seeds: {bad[0]} is out of range (0..{MAX_SEED})")
+        if len(indices) < args.batch_size:
+            raise UsageError(f"--indices: {len(indices)} image(s), fewer than --batch-size {args.batch_size}")
         dataset, position = _load(args, indices)
         host, hosts = _hosts(args)
         results = ResultsDir(Path(args.out), _identity(args, dataset, config), host, hosts)
-        share = [(i, s) for i in indices for s in seeds][host::hosts]  # fixed before looking at DIR: hosts agree
+        n = args.batch_size  # a batch is named by its first index
+        members = {indices[k]: indices[k:k + n] for k in range(0, len(indices) - n + 1, n)}
+        share = [(i, s) for i in members for s in seeds][host::hosts]  # fixed before looking at DIR: hosts agree
         done = {(r["index"], r["seed"]) for r in results.rows()}
         pending = [task for task in share if task not in done]
         enable_compilation_cache()
         runner = Sweep(dataset.num_classes, dataset.image_shape, config, restarts=args.restarts,
-                       model_seed=args.model_seed, engine=args.engine)
+                       model_seed=args.model_seed, engine=args.engine, batch_size=n)
         if pending:
             runner.compile(runner.lanes_for(len(pending), args.batch))  # refuses a batch too large, before DIR
         results.open()
         done = {(r["index"], r["seed"]) for r in results.rows()}  # another sweep may have finished some meanwhile
         pending = [(i, s) for i, s in pending if (i, s) not in done]
-        _run(args, runner, dataset, position, pending, results)
+        _run(args, runner, dataset, position, members, pending, results)
     except UsageError as error:
         return fail(prog, error)
     with contextlib.suppress(Exception):
@@ -504,31 +538,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _run(args, runner: Sweep, dataset: data_lib.Dataset, position: dict[int, int], pending, results: ResultsDir):
-    """Attack the pending (index, seed) pairs, appending each chunk's rows as it finishes."""
+def _run(args, runner: Sweep, dataset: data_lib.Dataset, position: dict[int, int], members: dict[int, list[int]],
+         pending, results: ResultsDir):
+    """Attack the pending (index, seed) pairs (index: a batch's first), appending each chunk's rows as it finishes.
+
+    A row has the keys of `dlg_jax.run`'s result.json (a batch's: per-image rows, means, label accuracy) plus
+    seed, restarts, restart and restart_distances; the saved truth and reconstruction are in matched order.
+    """
     if not pending:
         return
     from tqdm import tqdm
 
-    from dlg_jax.metrics import image_metrics
-
-    names = dataset.label_names
-    name = lambda c: names[c] if 0 <= c < len(names) else str(c)  # noqa: E731
-    tasks = [Task(position[i], s) for i, s in pending]
-    index_of = {position[i]: i for i, _ in pending}
-    keys = ("label_true", "label_pred", "grad_distance", "steps", "iterations", "evaluations", "seconds",
-            "compile_seconds", "status", "attempts", "restart", "restart_distances")
+    batched = runner.batch_size > 1
+    tasks = [Task(tuple(position[m] for m in members[i]) if batched else position[i], s) for i, s in pending]
+    key_of = dict(zip(tasks, pending))
+    keys = ("grad_distance", "steps", "iterations", "evaluations", "seconds", "compile_seconds", "status", "attempts",
+            "restart", "restart_distances")
 
     def save(outcomes: list[dict]) -> None:
         rows, images = [], {}
-        for o in outcomes:
-            index, seed = index_of[o["task"].image], o["task"].seed
-            truth = dataset.images[o["task"].image]
-            m = image_metrics(truth[None] / 255.0, o["reconstruction"][None])
-            rows.append(dict(index=index, seed=seed, restarts=runner.restarts, label_name_true=name(o["label_true"]),
-                             label_name_pred=name(o["label_pred"]), mse=float(m["mse"][0]), psnr=float(m["psnr"][0]),
-                             ssim=float(m["ssim"][0]), **{k: o[k] for k in keys}))
-            images[(index, seed)] = (truth, o["reconstruction"])
+        for o, (index, seed) in ((o, key_of[o["task"]]) for o in outcomes):
+            truth = dataset.images[o["task"].positions]
+            reconstruction = o["reconstruction"] if batched else o["reconstruction"][None]
+            row, order = run_lib.judge(truth / 255.0, reconstruction, o["label_pred"], o["label_true"], members[index],
+                                       dataset.label_names)
+            rows.append(dict(row, index=index, seed=seed, restarts=runner.restarts, **{k: o[k] for k in keys}))
+            images[(index, seed)] = (truth if batched else truth[0], reconstruction[order] if batched else o["reconstruction"])
         results.append(rows, images)
 
     with tqdm(total=len(tasks), unit="attack", desc="sweep", disable=args.quiet, dynamic_ncols=True,

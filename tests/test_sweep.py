@@ -43,8 +43,8 @@ def sequential(config, images, labels, tasks, restarts=None):
         attack = A.Attack(apply_fn, config)
         results = []
         for task, restart in zip(tasks, restarts or [0] * len(tasks)):
-            problem, _ = build_problem(apply_fn, params, config, 100, jnp.asarray(images[task.image]),
-                                       jnp.asarray(labels[task.image]), jnp.asarray(task.seed), jnp.asarray(restart))
+            problem, _ = build_problem(apply_fn, params, config, 100, jnp.asarray(images[task.positions]),
+                                       jnp.asarray(labels[task.positions]), jnp.asarray(task.seed), jnp.asarray(restart))
             problem = problem._replace(params=params, key=jax.random.wrap_key_data(problem.key))
             state = attack.advance(attack.init(problem), problem, config.steps)
             results.append(dict(grad_distance=float(state.best_value), status=A.STATUS_NAMES[int(state.status)],
@@ -89,6 +89,62 @@ def test_vmap_engine_equals_attacks_run_one_by_one(cifar100, alone):
     assert_same(outcomes, alone[:2])
 
 
+def attack_alone(config, images, labels, seed):
+    """One attack on the mean gradient of `images` by attack.Attack, as `dlg_jax.run` runs it."""
+    model = LeNet(num_classes=100)
+    with A.precision_scope(config):
+        params = jax.tree.map(lambda p: jnp.asarray(p, config.dtype), init_params(model, 1234, (32, 32, 3)))
+        apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+        problem = A.make_problem(apply_fn, params, jnp.asarray(images, config.dtype) / 255.0, jnp.asarray(labels), 100,
+                                 config, seed)
+        attack = A.Attack(apply_fn, config)
+        state = attack.advance(attack.init(problem), problem, config.steps)
+        return dict(grad_distance=float(state.best_value), iterations=int(state.iterations),
+                    evaluations=int(state.evaluations), images=np.asarray(A.dummy_images(state.best_dummy, config)),
+                    label_pred=[int(c) for c in A.predicted_labels(state, problem)])
+
+
+@pytest.mark.parametrize("engine, prior", [("flat", {}), ("vmap", dict(pixel_range="sigmoid", tv_weight=1e-3))])
+def test_sweep_of_image_batches_equals_batched_attacks_run_alone(cifar100, engine, prior):
+    """Lanes that each attack the mean gradient of 2 images (with the staged TV prior on the vmap engine)."""
+    config = dataclasses.replace(TINY, label_strategy="idlg", retries=0, tv_stages=2, **prior)
+    images, labels = cifar100["images"][:4], cifar100["labels"][:4]
+    tasks = [S.Task((0, 1), 5), S.Task((2, 3), 6), S.Task((1, 2), 7)]
+    outcomes = S.Sweep(100, (32, 32, 3), config, engine=engine, batch_size=2).run(images, labels, tasks, batch=2)
+    for task, o in zip(tasks, outcomes):
+        expected = attack_alone(config, images[list(task.image)], labels[list(task.image)], task.seed)
+        assert o["reconstruction"].shape == (2, 32, 32, 3) and o["label_true"] == labels[list(task.image)].tolist()
+        assert o["label_pred"] == expected["label_pred"]
+        assert (o["iterations"], o["evaluations"]) == (expected["iterations"], expected["evaluations"])
+        np.testing.assert_allclose(o["grad_distance"], expected["grad_distance"], rtol=1e-6)
+        np.testing.assert_allclose(o["reconstruction"], expected["images"], atol=1e-4)
+    if prior:
+        assert all(0 < o["reconstruction"].min() and o["reconstruction"].max() < 1 for o in outcomes)
+
+
+@pytest.mark.skipif(not CIFAR100.exists(), reason="shared data missing")
+def test_cli_batch_size_rows_are_batches_with_per_image_rows(tmp_path):
+    out = tmp_path / "sweep"
+    proc = run_cli("--data", CIFAR100, "--indices", "0:5", "--batch-size", "2", "--label-strategy", "idlg",
+                   "--pixel-range", "sigmoid", "--tv-weight", "1e-5", "--tv-stages", "2", "--batch", "2", "--out", out,
+                   "--quiet", *TINY_FLAGS, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = sorted(read_rows(out), key=lambda r: r["index"])
+    assert [r["index"] for r in rows] == [0, 2]  # batches 0-1 and 2-3; image 4 has no partner
+    for r in rows:
+        assert r["indices"] == [r["index"], r["index"] + 1] and r["batch_size"] == 2 and len(r["images"]) == 2
+        assert r["label_accuracy"] == 1.0 and r["psnr"] == pytest.approx(np.mean([i["psnr"] for i in r["images"]]))
+        with np.load(out / "reconstructions" / f"{r['index']}-1234.npz") as saved:
+            assert saved["truth"].shape == saved["reconstruction"].shape == (2, 32, 32, 3)
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert summary["rows"] == 2 and summary["images"] == 4 and summary["batch_size"] == 2
+    assert (out / "worst.png").stat().st_size > 0
+    changed = run_cli("--data", CIFAR100, "--indices", "0:5", "--batch-size", "1", "--label-strategy", "idlg",
+                      "--pixel-range", "sigmoid", "--tv-weight", "1e-5", "--tv-stages", "2", "--batch", "2",
+                      "--out", out, "--quiet", *TINY_FLAGS, cwd=tmp_path)
+    assert changed.returncode == 2 and "batch_size 2 -> 1" in changed.stderr
+
+
 def test_restarts_keep_the_lowest_gradient_distance(cifar100):
     config = dataclasses.replace(TINY, steps=2, retries=0)
     images, labels = cifar100["images"][:2], cifar100["labels"][:2]
@@ -116,8 +172,8 @@ def test_restart_0_starts_where_dlg_jax_run_starts(cifar100):
         for seed in (1234, 2**31 - 1):
             run = A.make_problem(apply_fn, params, jnp.asarray(cifar100["images"][3:4], config.dtype) / 255.0,
                                  jnp.asarray(cifar100["labels"][3:4]), 100, config, seed)
-            lane, _ = build_problem(apply_fn, params, config, 100, cifar100["images"][3],
-                                    np.int32(cifar100["labels"][3]), np.int32(seed), np.int32(0))
+            lane, _ = build_problem(apply_fn, params, config, 100, cifar100["images"][3:4],
+                                    cifar100["labels"][3:4].astype(np.int32), np.int32(seed), np.int32(0))
             np.testing.assert_array_equal(lane.key, jax.random.key_data(run.key))
             for a, b in zip(jax.tree.leaves(lane.init), jax.tree.leaves(run.init)):
                 np.testing.assert_array_equal(a, b)
@@ -243,6 +299,10 @@ def test_changed_configuration_is_refused(tmp_path, capsys):
     (["--bogus"], "unrecognized arguments"),
     (["--optimizer", "torch-lbfgs"], "sweeps run jaxopt LBFGS"),
     (["--coordinator", "h:1"], "need --distributed"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--indices", "0:3", "--batch-size", "4"], "fewer than --batch-size 4"),
+    (["--tv-weight", "1e-5", "--engine", "flat"], "--engine vmap"),
+    (["--tv-weight", "-2"], "--tv-weight"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, fragment):
     out = tmp_path / "out"
