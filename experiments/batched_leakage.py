@@ -49,11 +49,33 @@ def recovered_labels(images: np.ndarray, labels: np.ndarray, num_classes: int, m
     return np.asarray(analytic_labels(last_layer_weight_grad(grads), len(images)))
 
 
-def summarise(rows: list[dict], config: dict, seeds: list[int]) -> str:
-    lines = [f"Config: {json.dumps(config)}\n"]
-    for label, pool in ((f"seed {seeds[0]}", [seeds[0]]), (f"best of seeds {seeds} by gradient distance", seeds)):
+def gradient_dimension_bound(image_shape, num_classes: int, n: int, model_seed: int = 1234) -> tuple[int, int]:
+    """(unknowns, an upper bound on the dimension of the set of shared gradients) for batches of n images.
+
+    The conv layers' gradients are their parameter count of numbers; the last layer's is
+    (1/n) sum_i h_i e_i^T (rank <= n: n (in + classes) - n^2 numbers, plus n for its bias gradient sum_i e_i).
+    When the bound is below the unknowns n*H*W*C, batches with D = 0 form a set of that many dimensions at least.
+    """
+    from dlg_jax.models import LeNet, init_params
+    import jax
+
+    params = init_params(LeNet(num_classes=num_classes), model_seed, image_shape)
+    leaves = jax.tree.leaves(params)
+    kernel = [x for x in leaves if x.ndim == 2][-1]
+    conv = sum(x.size for x in leaves) - kernel.size - num_classes
+    features = kernel.shape[0]
+    return n * int(np.prod(image_shape)), conv + n * (features + num_classes) - n * n + n
+
+
+def summarise(rows: list[dict], config: dict, seeds: list[int], bound: tuple[int, int]) -> str:
+    lines = [f"Config: {json.dumps(config)}\n",
+             f"Unknowns {bound[0]} vs dimension of the shared gradient <= {bound[1]}"
+             f"{' (underdetermined: gradient matching alone cannot single out the batch)' if bound[1] < bound[0] else ''}.\n"]
+    pools = [(f"seed {seeds[0]}", [seeds[0]])] + ([(f"best of seeds {seeds} by gradient distance", seeds)]
+                                                  if len(seeds) > 1 else [])
+    for label, pool in pools:
         kept = best_rows(rows, pool)
-        if kept and (len(pool) == 1 or len(seeds) > 1):
+        if kept:
             lines += [f"## {label}\n", table(kept), ""]
     return "\n".join(lines)
 
@@ -149,7 +171,8 @@ def main(argv=None) -> int:
             sink.flush()
             os.fsync(sink.fileno())
             rows.append(row)
-    (out / "summary.md").write_text(summarise(sorted(rows, key=lambda r: r["indices"]), identity, seeds))
+    bound = gradient_dimension_bound(dataset.image_shape, dataset.num_classes, args.batch_size, args.model_seed)
+    (out / "summary.md").write_text(summarise(sorted(rows, key=lambda r: r["indices"]), identity, seeds, bound))
     print((out / "summary.md").read_text())
     return 0
 
