@@ -64,14 +64,16 @@ def gradient_distance(dummy: dict, params: Params, shared_grads: Params, known_l
 
 
 def total_variation(images: jax.Array, smoothing: float = 1e-4) -> jax.Array:
-    """Smoothed isotropic total variation  sum_{n,i,j,c} sqrt((x_{i,j} - x_{i+1,j})^2 + (x_{i,j} - x_{i,j+1})^2 + eps).
+    """Smoothed colour total variation  sum_{n,i,j} sqrt(sum_c (x_{i,j,c} - x_{i+1,j,c})^2 + (x_{i,j,c} - x_{i,j+1,c})^2 + eps).
 
-    Small for piecewise-smooth natural images, large for the noise a gradient match leaves free; `eps` keeps
-    it differentiable where the image is flat, as LBFGS needs.
+    Small for piecewise-smooth natural images, large for the noise a gradient match leaves free. The channels
+    share one root (vectorial TV, Blomgren and Chan, 1998), so an edge costs the same in every colour and
+    colour edges stay aligned: measured 1.4 dB better than per-channel TV on batches of 4 (README, "Batches").
+    `eps` keeps it differentiable where the image is flat, as LBFGS needs.
     """
     down = images[:, :-1, :-1] - images[:, 1:, :-1]
     right = images[:, :-1, :-1] - images[:, :-1, 1:]
-    return jnp.sum(jnp.sqrt(down**2 + right**2 + smoothing))
+    return jnp.sum(jnp.sqrt(jnp.sum(down**2 + right**2, axis=-1) + smoothing))
 
 
 def dummy_images(dummy: dict, config: "AttackConfig") -> jax.Array:

@@ -173,7 +173,9 @@ def test_diverged_attempts_are_retried_and_never_returned():
 def test_total_variation_is_the_smoothed_isotropic_sum():
     flat = jnp.full((2, 4, 4, 3), 0.3)
     eps = 1e-4
-    assert float(A.total_variation(flat, eps)) == pytest.approx(2 * 3 * 3 * 3 * np.sqrt(eps), rel=1e-5)
+    assert float(A.total_variation(flat, eps)) == pytest.approx(2 * 3 * 3 * np.sqrt(eps), rel=1e-5)
+    colour = jnp.zeros((1, 2, 2, 3)).at[:, 1, :, :].set(jnp.array([0.3, 0.4, 0.0]))  # one step down, in 2 colours
+    assert float(A.total_variation(colour, eps)) == pytest.approx(np.sqrt(0.3**2 + 0.4**2 + eps), rel=1e-6)
     step = jnp.zeros((1, 3, 3, 1)).at[:, :, 1:].set(1.0)  # a vertical edge between columns 0 and 1
     # 2x2 positions see differences: rows 0-1, column 0 -> right = -1 (edge), column 1 -> 0.
     expected = 2 * np.sqrt(1 + eps) + 2 * np.sqrt(eps)
