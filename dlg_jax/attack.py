@@ -161,9 +161,9 @@ class AttackConfig:
         """Iterations of an attempt at one prior weight (the whole budget without a TV prior)."""
         return self.max_iterations // self.tv_stages if self.tv_weight > 0 else self.max_iterations
 
-    def prior_weight(self, attempt_iterations: jax.Array) -> jax.Array:
+    def prior_weight(self, attempt_iterations: jax.Array | int) -> jax.Array:
         """TV weight after `attempt_iterations` of an attempt: tv_weight / 10^stage, and 0 in the last stage."""
-        stage = attempt_iterations // self.stage_iterations
+        stage = jnp.asarray(attempt_iterations, jnp.int32) // self.stage_iterations
         decayed = self.tv_weight * 10.0 ** (-stage.astype(self.dtype))
         return jnp.where(stage >= self.tv_stages - 1, 0.0, decayed).astype(self.dtype)
 
@@ -273,7 +273,7 @@ def retry(solver: jaxopt.LBFGS, config: AttackConfig, state: AttackState, proble
     again = failed & (state.attempt < config.retries) & (state.iterations < config.max_iterations)
     attempt = state.attempt + 1
     dummy = fresh_dummy(problem.key, attempt, problem.init)
-    fresh = solver.init_state(dummy, *problem.solver_args, config.prior_weight(jnp.zeros((), jnp.int32)))
+    fresh = solver.init_state(dummy, *problem.solver_args, config.prior_weight(0))
     pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(again, a, b), new, old)  # noqa: E731
     return state._replace(dummy=pick(dummy, state.dummy), solver_state=pick(fresh, state.solver_state),
                           status=jnp.where(again, jnp.where(jnp.isfinite(fresh.value), RUNNING, DIVERGED),
@@ -354,7 +354,7 @@ class Attack:
 
     def __post_init__(self):
         solver, config = make_solver(self.apply_fn, self.config), self.config
-        self._init = jax.jit(lambda problem: init_state(solver, problem, config.prior_weight(jnp.zeros((), jnp.int32))))
+        self._init = jax.jit(lambda problem: init_state(solver, problem, config.prior_weight(0)))
 
         def chunk(state, problem, until):
             state = retry(solver, config, advance(solver, config, state, problem, until), problem)

@@ -623,8 +623,7 @@ class NaiveEngine(_EngineBase):
         return problem._replace(params=params, key=jax.random.wrap_key_data(problem.key))
 
     def _start(self, problem, params):
-        first_weight = self.config.prior_weight(jnp.zeros((), jnp.int32))
-        return A.init_state(self.solver, self._with_params(problem, params), first_weight)
+        return A.init_state(self.solver, self._with_params(problem, params), self.config.prior_weight(0))
 
     def _blank(self, batch: int) -> NaiveLanes:
         problems, _ = self._problems(jnp.zeros((batch, *self.image_shape), jnp.uint8),

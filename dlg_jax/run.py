@@ -200,11 +200,8 @@ def _torch_lbfgs_outcome(apply_fn, problem, config: AttackConfig, labels, on_ste
 
 def write_outputs(out: Path, dataset: data_lib.Dataset, positions: Sequence[int], indices: Sequence[int],
                   outcome: dict, config: AttackConfig, args) -> dict:
-    """Save figures and result.json (written last, atomically: its presence means the run finished).
-
-    A batch comes back in any order: its reconstructions are matched to the private images first
-    (minimum-cost assignment on MSE), then judged pair by pair.
-    """
+    """Save figures and result.json (written last, atomically: its presence means the run finished); a batch's
+    images are shown and judged in the order `judge` matches them to the private images."""
     from dlg_jax.plots import save_history, save_reconstruction
 
     truth = dataset.images[list(positions)] / 255.0

@@ -29,24 +29,22 @@ from dlg_jax.attack import LABEL_STRATEGIES, PIXEL_RANGES, AttackConfig  # noqa:
 from dlg_jax.cli import ArgumentParser, fail, non_negative_float, positive_int  # noqa: E402
 from dlg_jax.data import load_npz  # noqa: E402
 from dlg_jax.errors import UsageError  # noqa: E402
-from dlg_jax.metrics import image_metrics, match_to_truth  # noqa: E402
 from dlg_jax.ranges import parse_range  # noqa: E402
-from dlg_jax.run import attack_images, multiset_accuracy  # noqa: E402
+from dlg_jax.run import attack_images, judge, multiset_accuracy  # noqa: E402
 
 
 def recovered_labels(images: np.ndarray, labels: np.ndarray, num_classes: int, model_seed: int) -> np.ndarray:
-    """The analytic labels of one batch (attack.analytic_labels on the client's shared gradient)."""
+    """The analytic labels of one batch: those `make_problem` reads off the shared gradient for `idlg`."""
     import jax.numpy as jnp
 
-    from dlg_jax.attack import analytic_labels, last_layer_weight_grad, parameter_gradient
+    from dlg_jax.attack import make_problem
     from dlg_jax.models import LeNet, init_params
 
     model = LeNet(num_classes=num_classes)
     params = init_params(model, model_seed, images.shape[1:])
-    pixels = jnp.asarray(images, jnp.float32) / 255.0
-    grads = parameter_gradient(lambda p, x: model.apply({"params": p}, x), params, pixels,
-                               jnp.eye(num_classes)[labels])
-    return np.asarray(analytic_labels(last_layer_weight_grad(grads), len(images)))
+    problem = make_problem(lambda p, x: model.apply({"params": p}, x), params, jnp.asarray(images) / 255.0,
+                           jnp.asarray(labels), num_classes, AttackConfig(label_strategy="idlg"), seed=0)
+    return np.asarray(jnp.argmax(problem.known_labels, axis=-1))
 
 
 def gradient_dimension_bound(image_shape, num_classes: int, n: int, model_seed: int = 1234) -> tuple[int, int]:
@@ -157,12 +155,11 @@ def main(argv=None) -> int:
                 predicted = recovered_labels(images, labels, dataset.num_classes, args.model_seed)
             else:
                 outcome = attack_images(images, labels, dataset.num_classes, config, seed, args.model_seed)
-                truth = images / 255.0
-                order = match_to_truth(truth, outcome["reconstruction"])
-                metrics = image_metrics(truth, outcome["reconstruction"][order])
+                judged, _ = judge(images / 255.0, outcome["reconstruction"], outcome["label_pred"], labels, batch,
+                                  dataset.label_names)
+                per_image = judged.get("images", [judged])
                 predicted = outcome["label_pred"]
-                row.update(psnr=[round(float(x), 3) for x in metrics["psnr"]],
-                           ssim=[round(float(x), 4) for x in metrics["ssim"]],
+                row.update(psnr=[round(r["psnr"], 3) for r in per_image], ssim=[round(r["ssim"], 4) for r in per_image],
                            **{k: outcome[k] for k in ("grad_distance", "status", "attempts", "iterations",
                                                       "evaluations", "seconds")})
             row.update(label_pred=sorted(int(x) for x in predicted),
