@@ -56,7 +56,7 @@ def time_objective(conv, precision: str, batch: int, repeats: int, data: np.ndar
             y = jax.nn.one_hot(jnp.array([3]), 100, dtype=dtype)
             shared = attack.parameter_gradient(apply_fn, params, x, y)
             objective = jax.value_and_grad(functools.partial(attack.gradient_distance, apply_fn=apply_fn))
-            dummies = {"images": jnp.asarray(data[1:1 + batch] / 255.0, dtype),
+            dummies = {"images": jnp.asarray(data[1 + np.arange(batch) % (len(data) - 1)] / 255.0, dtype),
                        "label_logits": jnp.zeros((batch, 1, 100), dtype)}
             dummies["images"] = dummies["images"][:, None]
             fn = jax.jit(jax.vmap(objective, in_axes=(0, None, None, None)))

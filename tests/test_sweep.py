@@ -83,6 +83,66 @@ def test_batched_sweep_equals_attacks_run_one_by_one(cifar100, alone, label_stra
     assert_same(outcomes, expected)
 
 
+@pytest.mark.parametrize("count", [0, 1, 3, 5, 12])
+def test_compact_product_equals_jaxopt_two_loop(count):
+    """The engine's compact L-BFGS product, its s.y / y.y tables kept pair by pair, is jaxopt's two-loop
+    recursion over the valid pairs: before the ring is full (stale slots hold other numbers) and after it wraps."""
+    from jaxopt._src.lbfgs import inv_hessian_product
+
+    from dlg_jax.batched import lbfgs_inverse_hessian_product
+
+    size, n, rng = 5, 7, np.random.default_rng(count)
+    with jax.enable_x64(True):
+        s_history, y_history = rng.normal(size=(size, n)), rng.normal(size=(size, n))  # stale: another attempt's
+        sy, yy = jnp.asarray(rng.normal(size=(size, size))), jnp.asarray(rng.normal(size=(size, size)))
+        g, gamma = jnp.asarray(rng.normal(size=n)), 0.7
+        for k in range(1, count + 1):  # pair k-1 goes to slot (k-1) % size, then the product sees count k
+            s = rng.normal(size=n)
+            s_history[(k - 1) % size], y_history[(k - 1) % size] = s, 2.0 * s + 0.3 * rng.normal(size=n)
+            product, sy, yy = lbfgs_inverse_hessian_product(g, jnp.asarray(s_history), jnp.asarray(y_history), sy, yy,
+                                                            gamma, jnp.asarray(k))
+        if count == 0:
+            product, _, _ = lbfgs_inverse_hessian_product(g, jnp.asarray(s_history), jnp.asarray(y_history), sy, yy,
+                                                          gamma, jnp.asarray(0))
+        valid = np.arange(size) < count
+        s_valid, y_valid = np.where(valid[:, None], s_history, 0.0), np.where(valid[:, None], y_history, 0.0)
+        curvature = np.sum(s_valid * y_valid, 1)
+        rho = np.where(valid, 1.0 / np.where(valid, curvature, 1.0), 0.0)
+        expected = inv_hessian_product(g, jnp.asarray(s_valid), jnp.asarray(y_valid), jnp.asarray(rho), gamma,
+                                       start=count % size)
+        np.testing.assert_allclose(product, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_diverged_pairs_are_stored_as_zeros():
+    """A lane's history outlives its attempt: a non-finite pair must not poison the next attack's products."""
+    from types import SimpleNamespace
+    from typing import NamedTuple
+
+    from dlg_jax.batched import FlatEngine
+
+    class Lanes(NamedTuple):
+        lbfgs_iter: jax.Array
+        s_history: jax.Array
+        y_history: jax.Array
+
+    lanes = Lanes(jnp.array([1, 2, 1]), jnp.ones((3, 4, 2)), jnp.ones((3, 4, 2)))
+    s = jnp.array([[jnp.nan, 1.0], [2.0, jnp.inf], [3.0, 3.0]])
+    out = FlatEngine._write_history(SimpleNamespace(history=4), lanes, s, -s, jnp.array([True, True, False]))
+    np.testing.assert_array_equal(out.s_history[0, 0], [0.0, 1.0])
+    np.testing.assert_array_equal(out.y_history[1, 1], [-2.0, 0.0])
+    np.testing.assert_array_equal(out.s_history[2], np.ones((4, 2)))  # not writing: untouched
+
+
+@pytest.mark.parametrize("block", [2, 1 << 30])
+def test_blocked_lanes_equal_attacks_run_one_by_one(cifar100, alone, block):
+    """Evaluations and directions vmapped over blocks of lanes (gathered), or over every lane at once (as on
+    accelerators), give what the one-lane-at-a-time CPU path gives."""
+    images, labels = cifar100["images"][:4], cifar100["labels"][:4]
+    sweep = S.Sweep(100, (32, 32, 3), TINY)
+    sweep.engine.eval_block = sweep.engine.direction_block = block
+    assert_same(sweep.run(images, labels, TASKS, batch=3), alone)
+
+
 def test_vmap_engine_equals_attacks_run_one_by_one(cifar100, alone):
     images, labels = cifar100["images"][:4], cifar100["labels"][:4]
     outcomes = S.Sweep(100, (32, 32, 3), TINY, engine="vmap").run(images, labels, TASKS[:2], batch=2)
