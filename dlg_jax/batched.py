@@ -21,11 +21,17 @@ the *last* lane is done and then `select`s every carried array (masking the fini
 `attack.advance`/`retry`'s best-iterate, stall, divergence and retry rules) as a flat state machine in which
 *one loop trip is one objective evaluation for every lane*: a lane is either trying a line-search step or
 (re)starting an attempt, and when its trial is accepted it completes the LBFGS iteration and computes its next
-direction in the same trip. No lane waits for another's line search; the two-loop recursion runs only for
-the lanes that need a new direction (compacted, so a lane that does not need one costs nothing); the history
-is written with a row scatter; retries draw their fresh start under a `cond` (rarely taken); and finished
-lanes are refilled by the host. Its arithmetic is jaxopt's (the same helper functions), so each lane follows
-the trajectory a lone `attack.Attack` takes, to float rounding (tests/test_sweep.py checks it).
+direction in the same trip. No lane waits for another's line search; the direction is computed only for the
+lanes that need one (compacted, so a lane that does not need one costs nothing), by the compact form of the
+L-BFGS product (`lbfgs_inverse_hessian_product`: two matrix passes over the history instead of jaxopt's
+200-step two-loop recursion, which cost as much as an evaluation of D); the history is written with a row
+scatter; retries draw their fresh start under a `cond` (rarely taken); and finished lanes are refilled by the
+host. Its decisions are jaxopt's (line search, step sizes, gamma: the same helper functions) and its product
+is the two-loop's in exact arithmetic, so each lane follows the trajectory a lone `attack.Attack` takes, to
+float rounding (tests/test_sweep.py checks it).
+
+On CPU a block of lanes is one lane: the unbatched programs, lane after lane, each reading its rows in place.
+On accelerators every lane is evaluated and given a direction at once (vmapped), without gathers.
 """
 
 from __future__ import annotations
