@@ -291,6 +291,30 @@ def read_rows(out: Path) -> list[dict]:
 
 
 @pytest.mark.skipif(not CIFAR100.exists(), reason="shared data missing")
+def test_processes_share_the_attacks_and_equal_one_process(tmp_path):
+    """--processes 2: two pinned workers write results.p0/p1.jsonl, every (index, seed) once, each row what one
+    process computes; a rerun adds nothing; the launcher writes one summary."""
+    common = ["--data", CIFAR100, "--indices", "0:4", "--seeds", "0:2", "--batch", "2", "--quiet", *TINY_FLAGS]
+    two = run_cli(*common, "--processes", "2", "--out", tmp_path / "two", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = run_cli(*common, "--single-device", "--out", tmp_path / "one", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    files = sorted(p.name for p in (tmp_path / "two").glob("results*.jsonl"))
+    assert files == ["results.p0.jsonl", "results.p1.jsonl"]
+    rows = [json.loads(line) for f in files for line in (tmp_path / "two" / f).read_text().splitlines()]
+    expected = {(r["index"], r["seed"]): r for r in read_rows(tmp_path / "one")}
+    assert sorted((r["index"], r["seed"]) for r in rows) == sorted(expected)
+    for r in rows:
+        e = expected[(r["index"], r["seed"])]
+        assert (r["iterations"], r["evaluations"], r["status"]) == (e["iterations"], e["evaluations"], e["status"])
+        np.testing.assert_allclose(r["grad_distance"], e["grad_distance"], rtol=1e-6)
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["summary"]["rows"] == 8
+    again = run_cli(*common, "--processes", "2", "--out", tmp_path / "two", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sum(len((tmp_path / "two" / f).read_text().splitlines()) for f in files) == 8
+
+
+@pytest.mark.skipif(not CIFAR100.exists(), reason="shared data missing")
 def test_resume_after_kill_neither_loses_nor_duplicates_rows(tmp_path):
     out = tmp_path / "sweep"
     args = ["--data", CIFAR100, "--indices", "0:5", "--seeds", "0:2", "--batch", "4", "--out", out, "--quiet",
@@ -363,6 +387,8 @@ def test_changed_configuration_is_refused(tmp_path, capsys):
     (["--indices", "0:3", "--batch-size", "4"], "fewer than --batch-size 4"),
     (["--tv-weight", "1e-5", "--engine", "flat"], "--engine vmap"),
     (["--tv-weight", "-2"], "--tv-weight"),
+    (["--processes", "0"], "--processes"),
+    (["--processes", "2", "--distributed"], "--processes and --distributed: choose one"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, fragment):
     out = tmp_path / "out"
