@@ -551,35 +551,31 @@ class FlatEngine(_EngineBase):
             return jnp.minimum(c["max_stepsize"], _init_stepsize("increase", c["max_stepsize"], solver.min_stepsize,
                                                                  solver.increase_factor, stepsize))
 
-        def direction(grad, s_history, y_history, sy, yy, gamma, count):
+        def start_line_search(grad, s_history, y_history, sy, yy, gamma, count, stepsize) -> dict:
+            """One lane's new direction (and its s.y / y.y tables), slope and first trial."""
             g = ravel_pytree(grad)[0]
             product, sy, yy = lbfgs_inverse_hessian_product(g, s_history, y_history, sy, yy, gamma, count)
-            return unravel(-product), -product @ g, sy, yy
+            return dict(direction=unravel(-product), slope=-product @ g, sy=sy, yy=yy, trial=first_trial(stepsize),
+                        ls_iter=jnp.zeros_like(count))
+
+        def inputs(lanes: Lanes) -> tuple:
+            return (lanes.grad, lanes.s_history, lanes.y_history, lanes.sy, lanes.yy, lanes.gamma, lanes.lbfgs_iter,
+                    lanes.stepsize)
 
         def one_lane(j, lanes: Lanes) -> Lanes:
             i = order[j]  # in range
-            new, slope, sy, yy = direction(_take(lanes.grad, i), lanes.s_history[i], lanes.y_history[i], lanes.sy[i],
-                                           lanes.yy[i], lanes.gamma[i], lanes.lbfgs_iter[i])
-            return lanes._replace(direction=_put(lanes.direction, new, i), sy=_put(lanes.sy, sy, i),
-                                  yy=_put(lanes.yy, yy, i), trial=_put(lanes.trial, first_trial(lanes.stepsize[i]), i),
-                                  slope=_put(lanes.slope, slope, i), ls_iter=_put(lanes.ls_iter, jnp.zeros((), jnp.int32), i))
+            new = start_line_search(*_take(inputs(lanes), i))
+            return lanes._replace(**{f: _put(getattr(lanes, f), v, i) for f, v in new.items()})
 
         def one_block(j, lanes: Lanes) -> Lanes:
             ids = jax.lax.dynamic_slice(order, (j * block,), (block,))  # padding ids == batch: reads clamp, writes drop
-            take = lambda tree: jax.tree.map(lambda a: a[ids], tree)  # noqa: E731
-            new, slope, sy, yy = jax.vmap(direction)(take(lanes.grad), *take((lanes.s_history, lanes.y_history, lanes.sy,
-                                                                              lanes.yy, lanes.gamma, lanes.lbfgs_iter)))
+            new = jax.vmap(start_line_search)(*jax.tree.map(lambda a: a[ids], inputs(lanes)))
             put = lambda old, new: old.at[ids].set(new, mode="drop")  # noqa: E731
-            return lanes._replace(direction=jax.tree.map(put, lanes.direction, new), sy=put(lanes.sy, sy),
-                                  yy=put(lanes.yy, yy), trial=put(lanes.trial, first_trial(lanes.stepsize[ids])),
-                                  slope=put(lanes.slope, slope), ls_iter=put(lanes.ls_iter, jnp.zeros(ids.shape, jnp.int32)))
+            return lanes._replace(**{f: jax.tree.map(put, getattr(lanes, f), v) for f, v in new.items()})
 
         if block >= batch:  # every lane at once (accelerators): no gathers of the histories
-            new, slope, sy, yy = jax.vmap(direction)(lanes.grad, lanes.s_history, lanes.y_history, lanes.sy, lanes.yy,
-                                                     lanes.gamma, lanes.lbfgs_iter)
-            fields = dict(direction=new, slope=slope, sy=sy, yy=yy, trial=first_trial(lanes.stepsize),
-                          ls_iter=jnp.zeros_like(lanes.ls_iter))
-            return lanes._replace(**{f: _select(need, v, getattr(lanes, f)) for f, v in fields.items()})
+            new = jax.vmap(start_line_search)(*inputs(lanes))
+            return lanes._replace(**{f: _select(need, v, getattr(lanes, f)) for f, v in new.items()})
         return jax.lax.fori_loop(0, blocks, one_lane if block == 1 else one_block, lanes)
 
     def _harvest(self, lanes: Lanes) -> dict:
