@@ -431,7 +431,8 @@ def build_parser() -> ArgumentParser:
     sw.add_argument("--processes", type=positive_int, default=1,
                     help="CPU: run N processes, one per core, each with one device and its share of the attacks "
                          "(2 on 2 cores: ~1.2x the attacks per hour of one process with a device per core)")
-    sw.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # K/N: one of the --processes
+    sw.add_argument("--worker", default=None, type=lambda v: tuple(map(int, v.split("/"))),
+                    help=argparse.SUPPRESS)  # K/N: worker K of --processes N, parsed to (K, N)
     sw.add_argument("--single-device", action="store_true",
                     help="on CPU, one JAX device for all cores (default: one device per core, lanes sharded over them)")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -484,8 +485,7 @@ def _identity(args, dataset: data_lib.Dataset, config: AttackConfig) -> dict:
 def _hosts(args) -> tuple[int, int]:
     """(this host, hosts): jax.distributed when asked for, one of --processes for a worker, else (0, 1)."""
     if args.worker is not None:
-        worker, workers = (int(v) for v in args.worker.split("/"))
-        return worker, workers
+        return args.worker
     if not args.distributed:
         if args.coordinator or args.num_processes or args.process_id is not None:
             raise UsageError("--coordinator/--num-processes/--process-id need --distributed")
@@ -627,7 +627,7 @@ def _run(args, runner: Sweep, dataset: data_lib.Dataset, position: dict[int, int
                                        dataset.label_names)
             rows.append(dict(row, index=index, seed=seed, restarts=runner.restarts, **{k: o[k] for k in keys}))
             if args.worker is not None:  # the workers share the machine: an attack's share of its time
-                rows[-1]["seconds"] = o["seconds"] / int(args.worker.split("/")[1])
+                rows[-1]["seconds"] = o["seconds"] / args.worker[1]
             images[(index, seed)] = (truth if batched else truth[0], reconstruction[order] if batched else o["reconstruction"])
         results.append(rows, images)
 
