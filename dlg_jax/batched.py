@@ -148,8 +148,10 @@ def lbfgs_inverse_hessian_product(g, s_history, y_history, sy, yy, gamma, count)
 
     two matrix products over the history and k x k triangular solves (~0.1 ms). `sy` (s_i . y_j) and `yy`
     (y_i . y_j) are kept by slot; the pair written last, at slot (count - 1) % history, enters them here, in
-    the same pass over the history as S'g and Y'g. Slots >= count are stale and a pair with s . y = 0 counts
-    for nothing (jaxopt's rho = 0): both are masked out, which leaves H as the two-loop over the valid pairs.
+    the same pass over the history as S'g and Y'g (at count 0 that slot is stale and what enters is masked:
+    writing it unconditionally lets XLA update the tables in place instead of copying every lane's). Slots >=
+    count are stale and a pair with s . y = 0 counts for nothing (jaxopt's rho = 0): both are masked out,
+    which leaves H as the two-loop over the valid pairs.
 
     Args: g (n,), s_history and y_history (history, n), finite (stale slots too: they are multiplied by 0),
     sy and yy (history, history), gamma, count (the pairs written in this attempt). Returns (H g, sy, yy).
@@ -158,9 +160,8 @@ def lbfgs_inverse_hessian_product(g, s_history, y_history, sy, yy, gamma, count)
     newest = (count - 1) % size
     vectors = jnp.stack([y_history[newest], s_history[newest], g], axis=1)  # one pass: (history, 3) each
     s_dots, y_dots = s_history @ vectors, y_history @ vectors
-    fresh = count > 0
-    sy = jnp.where(fresh, sy.at[:, newest].set(s_dots[:, 0]).at[newest, :].set(y_dots[:, 1]), sy)
-    yy = jnp.where(fresh, yy.at[:, newest].set(y_dots[:, 0]).at[newest, :].set(y_dots[:, 0]), yy)
+    sy = sy.at[:, newest].set(s_dots[:, 0]).at[newest, :].set(y_dots[:, 1])
+    yy = yy.at[:, newest].set(y_dots[:, 0]).at[newest, :].set(y_dots[:, 0])
     order = (count + jnp.arange(size)) % size  # slots oldest first
     sy_ordered = sy[order][:, order]
     valid = (order < count) & (jnp.diagonal(sy_ordered) != 0)
