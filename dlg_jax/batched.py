@@ -174,7 +174,7 @@ def lbfgs_inverse_hessian_product(g, s_history, y_history, sy, yy, gamma, count)
     c = jax.scipy.linalg.solve_triangular(r, a, lower=False)
     yy_c = jnp.where(both, yy[order][:, order], 0.0) @ c
     top = jax.scipy.linalg.solve_triangular(r, d * c + gamma * (yy_c - b), lower=False, trans="T")
-    slot_of = jnp.argsort(order)  # back from chronological to slot order
+    slot_of = (jnp.arange(size) - count) % size  # back from chronological to slot order (order's inverse)
     return gamma * g + top[slot_of] @ s_history - gamma * c[slot_of] @ y_history, sy, yy
 
 
