@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -355,13 +356,15 @@ class Attack:
 
     def __post_init__(self):
         solver, config = make_solver(self.apply_fn, self.config), self.config
-        self._init = jax.jit(lambda problem: init_state(solver, problem, config.prior_weight(0)))
+        options = compiler_options()
+        self._init = jax.jit(lambda problem: init_state(solver, problem, config.prior_weight(0)),
+                             compiler_options=options)
 
         def chunk(state, problem, until):
             state = retry(solver, config, advance(solver, config, state, problem, until), problem)
             return next_stage(solver, config, state, problem) if config.tv_weight > 0 else state
 
-        self._advance = jax.jit(chunk)
+        self._advance = jax.jit(chunk, compiler_options=options)
         self.compile_seconds = 0.0
 
     def compile(self, problem: Problem) -> None:
@@ -382,6 +385,34 @@ class Attack:
         while bool(state.status == RUNNING) and int(state.iterations) < until:  # a retry began mid-chunk
             state = self._advance(state, problem, until)
         return state
+
+
+# XLA:CPU hands matrix products and reductions to YNNPACK. jaxlib 0.10's default runs each product on its own;
+# as fusions with the elementwise work around them, one evaluation of D and its gradient takes 0.82x the time
+# (`experiments/bench_objective.py --compiler-options dlg_jax default`).
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def _cpu_accepts(options: tuple) -> bool:
+    probe = jax.jit(lambda x: x + 1).lower(jax.ShapeDtypeStruct((), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(
+        jax.devices("cpu")[0])))
+    try:
+        probe.compile(compiler_options=dict(options))
+    except Exception:  # an experimental option this jaxlib does not know (or no longer parses)
+        return False
+    return True
+
+
+def compiler_options(platform: str | None = None) -> dict[str, str]:
+    """XLA options to compile an attack's programs with, for `platform` (default: JAX's default backend).
+
+    On CPU `CPU_COMPILER_OPTIONS` where this jaxlib accepts them (they are experimental: without them the
+    attack is the same, only slower); elsewhere none.
+    """
+    if (platform or jax.default_backend()) != "cpu" or not _cpu_accepts(tuple(CPU_COMPILER_OPTIONS.items())):
+        return {}
+    return dict(CPU_COMPILER_OPTIONS)
 
 
 def precision_scope(config: AttackConfig) -> contextlib.ExitStack:

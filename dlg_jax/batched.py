@@ -286,12 +286,13 @@ class _EngineBase:
         lanes_shape = jax.eval_shape(functools.partial(self._blank, batch))
         lane_spec = _lane_axes(lanes_shape)
         param_spec = jax.tree.map(lambda _: P(), self.params)
-        blank = jax.jit(functools.partial(self._blank, batch), out_shardings=jax.tree.map(
+        jit = functools.partial(jax.jit, compiler_options=A.compiler_options(self.devices[0].platform))
+        blank = jit(functools.partial(self._blank, batch), out_shardings=jax.tree.map(
             lambda _: self.lane_sharding, lanes_shape))
-        fill = jax.jit(shard(self._fill, (lane_spec, P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), param_spec),
-                             lane_spec), donate_argnums=0)
-        run = jax.jit(shard(self._run, (lane_spec, param_spec, P(), P()), (lane_spec, P(AXIS))), donate_argnums=0)
-        harvest = jax.jit(shard(self._harvest, (lane_spec,), P(AXIS)))
+        fill = jit(shard(self._fill, (lane_spec, P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), param_spec), lane_spec),
+                   donate_argnums=0)
+        run = jit(shard(self._run, (lane_spec, param_spec, P(), P()), (lane_spec, P(AXIS))), donate_argnums=0)
+        harvest = jit(shard(self._harvest, (lane_spec,), P(AXIS)))
         scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
         lanes_abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.lane_sharding),
                                       lanes_shape)

@@ -169,14 +169,14 @@ def _torch_lbfgs_outcome(apply_fn, problem, config: AttackConfig, labels, on_ste
     import jax
     import jax.numpy as jnp
 
-    from dlg_jax.attack import gradient_distance
+    from dlg_jax.attack import compiler_options, gradient_distance
     from dlg_jax.torch_lbfgs import make_torch_lbfgs_runner
 
     runner = make_torch_lbfgs_runner(functools.partial(gradient_distance, apply_fn=apply_fn), steps=config.steps,
                                      keep_iterates=True, max_iter=config.iterations_per_step,
                                      history_size=config.history_size)
     start = time.perf_counter()
-    runner = runner.lower(problem.init, *problem.solver_args).compile()
+    runner = runner.lower(problem.init, *problem.solver_args).compile(compiler_options=compiler_options())
     compile_seconds = time.perf_counter() - start
     start = time.perf_counter()
     result = jax.block_until_ready(runner(problem.init, *problem.solver_args))

@@ -1,10 +1,12 @@
 """Cost of one evaluation of the DLG objective and its gradient: FLOPs (XLA cost analysis) and time.
 
-    python experiments/bench_objective.py [--batch 1 8] [--repeats 7]
+    python experiments/bench_objective.py [--batch 1 8] [--repeats 7] [--compiler-options dlg_jax default]
 
 Compares the convolution as written in dlg_jax (im2col by one gather + einsum) with `lax.conv` and with
 im2col by 25 strided slices, in float32 and float64, unbatched and under `vmap`, all in one process so the
-ratios are side by side. Prints min and median milliseconds per evaluation over repeats, and GFLOP/s.
+ratios are side by side. Each is compiled with the XLA options dlg_jax uses (`attack.compiler_options()`: on
+CPU YNNPACK fusions of products and reductions) and/or with XLA's defaults. Prints min and median
+milliseconds per evaluation over repeats, and GFLOP/s.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def sliced_conv(images, kernel, stride):
 IMPLEMENTATIONS = {"gather (dlg_jax)": models.conv2d, "lax.conv": lax_conv, "25 slices": sliced_conv}
 
 
-def time_objective(conv, precision: str, batch: int, repeats: int, data: np.ndarray) -> tuple[float, float, float]:
+def time_objective(conv, precision: str, batch: int, repeats: int, data: np.ndarray,
+                   options: dict) -> tuple[float, float, float]:
     original = models.conv2d
     models.conv2d = conv
     try:
@@ -60,7 +63,7 @@ def time_objective(conv, precision: str, batch: int, repeats: int, data: np.ndar
                        "label_logits": jnp.zeros((batch, 1, 100), dtype)}
             dummies["images"] = dummies["images"][:, None]
             fn = jax.jit(jax.vmap(objective, in_axes=(0, None, None, None)))
-            compiled = fn.lower(dummies, params, shared, y).compile()
+            compiled = fn.lower(dummies, params, shared, y).compile(compiler_options=options)
             flops = compiled.cost_analysis().get("flops", float("nan"))
             jax.block_until_ready(compiled(dummies, params, shared, y))
             times = []
@@ -80,18 +83,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--compiler-options", nargs="+", default=["dlg_jax"], choices=["dlg_jax", "default"],
+                        help="XLA options to compile with: dlg_jax's (attack.compiler_options()) and/or XLA's defaults")
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar100_train_0-49.npz"))
     args = parser.parse_args(argv)
     data = np.load(args.data)["images"]
     print(f"devices: {jax.devices()}")
-    print("| conv | precision | batch | ms/eval min | ms/eval median | per attack (min/B) | MFLOP/eval | GFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    option_sets = {"dlg_jax": attack.compiler_options(), "default": {}}
+    print("| conv | XLA options | precision | batch | ms/eval min | ms/eval median | per attack (min/B) | MFLOP/eval | GFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for precision in ("float64", "float32"):
         for batch in args.batch:
             for name, conv in IMPLEMENTATIONS.items():
-                best, median, flops = time_objective(conv, precision, batch, args.repeats, data)
-                print(f"| {name} | {precision} | {batch} | {best:.3f} | {median:.3f} | {best / batch:.3f} | "
-                      f"{flops / batch / 1e6:.2f} | {flops / best / 1e6:.2f} |", flush=True)
+                for which in args.compiler_options:
+                    best, median, flops = time_objective(conv, precision, batch, args.repeats, data, option_sets[which])
+                    print(f"| {name} | {which} | {precision} | {batch} | {best:.3f} | {median:.3f} | {best / batch:.3f} | "
+                          f"{flops / batch / 1e6:.2f} | {flops / best / 1e6:.2f} |", flush=True)
     return 0
 
 
