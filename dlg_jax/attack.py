@@ -388,15 +388,15 @@ class Attack:
 
 
 # XLA:CPU hands matrix products and reductions to YNNPACK. jaxlib 0.10's default runs each product on its own;
-# as fusions with the elementwise work around them, one evaluation of D and its gradient takes 0.82x the time
-# (`experiments/bench_objective.py --compiler-options dlg_jax default`).
+# as fusions with the elementwise work around them, one evaluation of D and its gradient takes 0.83x the time
+# in float32, 0.86x in float64 (`experiments/bench_objective.py --compiler-options dlg_jax default`).
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 @functools.cache
 def _cpu_accepts(options: tuple) -> bool:
-    probe = jax.jit(lambda x: x + 1).lower(jax.ShapeDtypeStruct((), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(
-        jax.devices("cpu")[0])))
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    probe = jax.jit(lambda x: x + 1).lower(jax.ShapeDtypeStruct((), jnp.float32, sharding=cpu))
     try:
         probe.compile(compiler_options=dict(options))
     except Exception:  # an experimental option this jaxlib does not know (or no longer parses)

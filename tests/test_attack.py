@@ -236,3 +236,16 @@ def test_batch_of_two_shared_images_reaches_the_psnr_bar_with_the_batch_recipe(c
     psnr = image_metrics(images / 255.0, outcome["reconstruction"][order])["psnr"]
     assert psnr.min() >= 30.0, (psnr, outcome["status"])
     assert sorted(outcome["label_pred"].tolist()) == sorted(labels.tolist())
+
+
+def test_compiler_options_only_on_cpu_and_only_what_this_jaxlib_accepts(monkeypatch):
+    assert A.compiler_options("gpu") == {} and A.compiler_options("tpu") == {}
+    options = A.compiler_options("cpu")
+    assert options in ({}, A.CPU_COMPILER_OPTIONS)
+    if options:  # accepted: a program compiled with them computes what the default one does
+        f = lambda x: jnp.sum(jnp.tanh(x @ x.T) ** 2)  # noqa: E731
+        x = jnp.linspace(-1.0, 1.0, 64).reshape(8, 8)
+        tuned = jax.jit(jax.grad(f), compiler_options=options)(x)
+        np.testing.assert_allclose(tuned, jax.jit(jax.grad(f))(x), rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(A, "CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option_dlg_jax": "1"})
+    assert A.compiler_options("cpu") == {}  # rejected by the probe: compile with XLA's defaults
