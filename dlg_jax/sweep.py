@@ -572,9 +572,10 @@ def _launch(args, argv: list[str], prog: str, results: "ResultsDir", total: int)
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f)
     env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=1".strip()}
     workers, logs = [], []
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(lambda: [w.kill() for w in workers if w.poll() is None])  # on any exit, no orphans
         for k in range(args.processes):
-            logs.append(tempfile.TemporaryFile("w+"))
+            logs.append(stack.enter_context(tempfile.TemporaryFile("w+")))
             core = cores[k % len(cores)]
             pin = (lambda: os.sched_setaffinity(0, {core})) if hasattr(os, "sched_setaffinity") else None
             command = [sys.executable, "-m", "dlg_jax.sweep", *argv, "--worker", f"{k}/{args.processes}", "--quiet"]
@@ -587,16 +588,12 @@ def _launch(args, argv: list[str], prog: str, results: "ResultsDir", total: int)
                 if results.path.exists():
                     bar.update(len(results.rows()) - bar.n)
             bar.update(len(results.rows()) - bar.n)
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-    for w, log in zip(workers, logs):
-        if w.returncode != 0:
-            log.seek(0)
-            lines = [line for line in log.read().splitlines() if line.strip()]
-            print(lines[-1] if lines else f"{prog}: a worker failed (exit {w.returncode})", file=sys.stderr)
-            return 2 if w.returncode == 2 else 1
+        for w, log in zip(workers, logs):
+            if w.returncode != 0:
+                log.seek(0)
+                lines = [line for line in log.read().splitlines() if line.strip()]
+                print(lines[-1] if lines else f"{prog}: a worker failed (exit {w.returncode})", file=sys.stderr)
+                return 2 if w.returncode == 2 else 1
     _summarise(results)
     return 0
 
