@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     p.add_argument("--trips", type=int, default=50)
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--direction-block", type=int, default=None,
+                   help="lanes given directions together (default: the engine's choice for the platform)")
     p.add_argument("--data", default=str(DATA))
     args = p.parse_args(argv)
     if min(args.lanes, args.trips, args.repeats) <= 0 or args.warmup_trips < 0:
@@ -76,6 +78,8 @@ def main(argv=None) -> int:
         images, labels = npz["images"], npz["labels"].astype(np.int32)
     tasks = [Task(n % len(images), n) for n in range(args.lanes)]
     sweep = Sweep(100, (32, 32, 3), AttackConfig(), devices=jax.devices()[:1])
+    if args.direction_block:
+        sweep.engine.direction_block = args.direction_block
     programs = sweep.compile(sweep.lanes_for(len(tasks), args.lanes))
     engine = sweep.engine
     chosen = [t.image for t in tasks]
