@@ -19,19 +19,19 @@ the *last* lane is done and then `select`s every carried array (masking the fini
 
 `FlatEngine` runs the same algorithm (jaxopt's LBFGS with its strong-Wolfe backtracking line search, and
 `attack.advance`/`retry`'s best-iterate, stall, divergence and retry rules) as a flat state machine in which
-*one loop trip is one objective evaluation for every lane*: a lane is either trying a line-search step or
+*one trip of a lane is one objective evaluation* (`_lane_trip`): a lane is either trying a line-search step or
 (re)starting an attempt, and when its trial is accepted it completes the LBFGS iteration and computes its next
-direction in the same trip. No lane waits for another's line search; the direction is computed only for the
-lanes that need one (compacted, so a lane that does not need one costs nothing), by the compact form of the
-L-BFGS product (`lbfgs_inverse_hessian_product`: two matrix passes over the history instead of jaxopt's
-200-step two-loop recursion, which cost as much as an evaluation of D); the history is written with a row
-scatter; retries draw their fresh start under a `cond` (rarely taken); and finished lanes are refilled by the
-host. Its decisions are jaxopt's (line search, step sizes, gamma: the same helper functions) and its product
-is the two-loop's in exact arithmetic, so each lane follows the trajectory a lone `attack.Attack` takes, to
-float rounding (tests/test_sweep.py checks it).
+direction in the same trip, by the compact form of the L-BFGS product (`lbfgs_inverse_hessian_product`: two
+matrix passes over the history instead of jaxopt's 200-step two-loop recursion, which cost as much as an
+evaluation of D). Retries draw their fresh start under a `cond` (rarely taken) and finished lanes are
+refilled by the host. Its decisions are jaxopt's (line search, step sizes, gamma: the same helper functions)
+and its product is the two-loop's in exact arithmetic, so each lane follows the trajectory a lone
+`attack.Attack` takes, to float rounding (tests/test_sweep.py checks it).
 
-On CPU a block of lanes is one lane: the unbatched programs, lane after lane, each reading its rows in place.
-On accelerators every lane is evaluated and given a direction at once (vmapped), without gathers.
+The same lane trip runs two ways. On accelerators every lane takes a trip at once (`vmap`): no lane waits for
+another's line search. On CPU, where a device runs one operation at a time anyway, each lane takes its trips
+alone, lane after lane: the unbatched programs, in a loop whose state is that one lane, so its 2.5 MB of
+history is read and written in place rather than copied out of the batch at every direction.
 """
 
 from __future__ import annotations
@@ -264,8 +264,15 @@ class _EngineBase:
         raise NotImplementedError
 
     # -- shared
+    lane_by_lane = False  # build problems (and, in FlatEngine, run lanes) one lane at a time
+    min_chunk_trips = 8  # the fewest trips a `run` call is asked for
+
     def _problems(self, images, labels, seeds, restarts, params):
+        """Every lane's problem: vmapped, or lane after lane with the unbatched program (the same arithmetic
+        whatever the number of lanes, so the rounding, and a chaotic trajectory, do not depend on it)."""
         build = functools.partial(build_problem, self.apply_fn, params, self.config, self.num_classes)
+        if self.lane_by_lane:
+            return jax.lax.map(lambda job: build(*job), (images, labels, seeds, restarts))
         return jax.vmap(build)(images, labels, seeds, restarts)
 
     def lane_count(self, wanted: int) -> int:
@@ -334,7 +341,7 @@ class _EngineBase:
 class FlatEngine(_EngineBase):
     """jaxopt's LBFGS + backtracking line search, one objective evaluation per lane per loop trip."""
 
-    def __init__(self, *args, direction_block: int | None = None, eval_block: int | None = None, **kwargs):
+    def __init__(self, *args, lane_by_lane: bool | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         config, solver = self.config, self.solver
         ls = solver.linesearch_solver
@@ -346,11 +353,12 @@ class FlatEngine(_EngineBase):
         self.history = solver.history_size
         self.ls = dict(c1=ls.c1, c2=ls.c2, decrease=ls.decrease_factor, tol=ls.tol, maxls=ls.maxiter,
                        max_stepsize=ls.max_stepsize)
-        # blocks of lanes evaluated / given directions together: one lane at a time on CPU (measured fastest,
-        # experiments/bench_sweep.py), all lanes vmapped on accelerators
-        whole = 1 if self.devices[0].platform == "cpu" else 1 << 30
-        self.direction_block = direction_block or whole
-        self.eval_block = eval_block or whole
+        # On CPU a device runs one operation at a time anyway, so each lane takes its trips alone (the unbatched
+        # programs, histories in place: experiments/results/bench_sweep.md); accelerators take a trip of every
+        # lane at once, vmapped.
+        self.lane_by_lane = self.devices[0].platform == "cpu" if lane_by_lane is None else lane_by_lane
+        if self.lane_by_lane:  # a lane's state (its history: 2.5 MB) is copied out and back once per run call and
+            self.min_chunk_trips = 128  # lane: ~2 trips' worth, so a call must give each lane many more trips
         self._value_and_grad = jax.value_and_grad(solver.fun)
 
     # ---- lane creation
@@ -392,64 +400,66 @@ class FlatEngine(_EngineBase):
         return Lanes(**{f: getattr(lanes, f) if f in keep else _select(mask, getattr(started, f), getattr(lanes, f))
                         for f in Lanes._fields})
 
-    # ---- one trip: one evaluation per lane
+    # ---- running: trips of one evaluation per lane
     def _run(self, lanes: Lanes, params, max_trips, min_live):
+        """Advance the lanes by up to `max_trips` trips each; returns (lanes, the most trips a lane made)."""
+        if self.lane_by_lane:
+            return self._run_lane_by_lane(lanes, params, max_trips)
+
         def going(carry):
             trips, lanes = carry
             return (trips < max_trips) & (jnp.sum(lanes.live) >= jnp.maximum(min_live, 1))
 
-        def trip(carry):
+        def trip(carry):  # every lane at once: one evaluation per lane, vmapped
             trips, lanes = carry
-            return trips + 1, self._trip(lanes, params)
+            lanes, again = jax.vmap(self._lane_trip, in_axes=(0, None))(lanes, params)
+            x = jax.lax.cond(jnp.any(again), self._restart_attempts, lambda *a: a[0], lanes.x, lanes.key,
+                             lanes.attempt, lanes.init, again)  # most trips draw no fresh start: skip the draws
+            return trips + 1, lanes._replace(x=x)
 
         trips, lanes = jax.lax.while_loop(going, trip, (jnp.zeros((), jnp.int32), lanes))
         return lanes, trips[None]
 
-    def _trip(self, lanes: Lanes, params) -> Lanes:
+    def _run_lane_by_lane(self, lanes: Lanes, params, max_trips):
+        """Each running lane takes its trips alone, lane after lane: the unbatched programs, in a loop whose
+        state is the lane itself, so its histories are read and written in place."""
         live = lanes.live
-        point = jax.vmap(lambda l: _tree_where(l.fresh, l.x, tree_add_scalar_mul(l.x, l.trial, l.direction)))(lanes)
-        value, grad = self._evaluate(point, params, lanes.shared_grads, lanes.known_labels, live)
-        lanes, s, y, write, again, need = jax.vmap(self._step)(lanes, live, point, value, grad)
-        lanes = self._write_history(lanes, s, y, write)
-        x = jax.lax.cond(jnp.any(again), self._restart_attempts, lambda *a: a[0], lanes.x, lanes.key, lanes.attempt,
-                         lanes.init, again)
-        return self._directions(lanes._replace(x=x), need)
+        order = jnp.nonzero(live, size=live.shape[0], fill_value=0)[0]
 
-    def _evaluate(self, point, params, shared_grads, known_labels, live):
-        """D and dD/dx at `point` for the live lanes (zeros elsewhere), `eval_block` lanes at a time.
+        def lane_trips(j, carry):
+            lanes, most = carry
+            i = order[j]  # a running lane
 
-        Only live lanes are evaluated: they are compacted (`nonzero`) and taken block by block, so lanes that
-        have finished (waiting for a refill, or idle while the last attacks of a sweep run) cost nothing. On
-        CPU the block is one lane: the unbatched program, lane after lane, is as fast per lane as any vmapped
-        block (vmap's batch dimensions cost relayout copies around the small batched products) and its
-        in-range dynamic slices copy nothing; on accelerators a block is all lanes, vmapped.
+            def going(carry):
+                trips, lane = carry
+                return (trips < max_trips) & lane.live
+
+            def trip(carry):
+                trips, lane = carry
+                lane, again = self._lane_trip(lane, params)
+                x = jax.lax.cond(again, lambda: _fresh_dummy(lane.key, lane.attempt, lane.init), lambda: lane.x)
+                return trips + 1, lane._replace(x=x)
+
+            trips, lane = jax.lax.while_loop(going, trip, (jnp.zeros((), jnp.int32), _take(lanes, i)))
+            return _put(lanes, lane, i), jnp.maximum(most, trips)
+
+        lanes, most = jax.lax.fori_loop(0, jnp.sum(live), lane_trips, (lanes, jnp.zeros((), jnp.int32)))
+        return lanes, most[None]
+
+    def _lane_trip(self, lane: Lanes, params) -> tuple[Lanes, jax.Array]:
+        """One lane's trip: evaluate D at its trial point (or its fresh start), take the line-search decision,
+        store the new pair and, if the iteration is complete, compute the next direction.
+
+        Returns the lane and whether its attempt starts afresh; the caller draws the new start (`x`): one lane
+        under a `cond`, all lanes under one `cond` that most trips skip.
         """
-        batch = live.shape[0]
-        block = max(1, min(batch, self.eval_block))
-        order = jnp.nonzero(live, size=-(-batch // block) * block, fill_value=batch)[0]
-        blocks = (jnp.sum(live) + block - 1) // block
-        one = lambda x, s, k: self._value_and_grad(x, params, s, k)  # noqa: E731
-
-        def one_lane(j, carry):
-            values, grads = carry
-            i = order[j]  # j < number of live lanes: a lane index in range
-            value, grad = one(_take(point, i), _take(shared_grads, i), _take(known_labels, i))
-            return _put(values, value, i), _put(grads, grad, i)
-
-        def one_block(j, carry):
-            values, grads = carry
-            ids = jax.lax.dynamic_slice(order, (j * block,), (block,))  # padding ids == batch: reads clamp, writes drop
-            take = lambda tree: jax.tree.map(lambda a: a[ids], tree)  # noqa: E731
-            value, grad = jax.vmap(one)(take(point), take(shared_grads), take(known_labels))
-            put = lambda old, new: old.at[ids].set(new, mode="drop")  # noqa: E731
-            return put(values, value), jax.tree.map(put, grads, grad)
-
-        if block >= batch:  # every lane at once (accelerators): no gathers; lanes not live are zeroed
-            value, grad = jax.vmap(one)(point, shared_grads, known_labels)
-            return _select(live, (value, grad), jax.tree.map(jnp.zeros_like, (value, grad)))
-        dtype = point["images"].dtype
-        zeros = (jnp.zeros((batch,), dtype), jax.tree.map(jnp.zeros_like, point))
-        return jax.lax.fori_loop(0, blocks, one_lane if block == 1 else one_block, zeros)
+        live = lane.live
+        point = _tree_where(lane.fresh, lane.x, tree_add_scalar_mul(lane.x, lane.trial, lane.direction))
+        value, grad = self._value_and_grad(point, params, lane.shared_grads, lane.known_labels)
+        value, grad = _tree_where(live, (value, grad), jax.tree.map(jnp.zeros_like, (value, grad)))
+        lane, s, y, write, again, need = self._step(lane, live, point, value, grad)
+        lane = self._write_history(lane, s, y, write)
+        return jax.lax.cond(need, self._start_line_search, lambda lane: lane, lane), again
 
     def _step(self, lane: Lanes, live, point, value, grad):
         """One lane after its evaluation at `point`: line-search test, LBFGS update, attack bookkeeping.
@@ -516,69 +526,33 @@ class FlatEngine(_EngineBase):
         need = evaluated & ~again & (status == A.RUNNING)  # needs the direction of its next iteration
         return lane, s, y, finished, again, need
 
-    def _write_history(self, lanes: Lanes, s, y, write) -> Lanes:
-        """Store the new (s, y) pair at each writing lane's ring position: a scatter of one row per lane.
+    def _write_history(self, lane: Lanes, s, y, write) -> Lanes:
+        """Store the new (s, y) pair at the lane's ring position, if `write`: one row, in place.
 
         A non-finite pair (its attempt has diverged) is stored as zeros: stale slots stay in the buffer for the
         lane's later attempts and attacks, and the compact product multiplies them by 0, which a NaN survives.
         """
-        rows = jnp.arange(write.shape[0])
-        slots = jnp.where(write, (lanes.lbfgs_iter - 1) % self.history, self.history)  # out of range: dropped
+        slot = jnp.where(write, (lane.lbfgs_iter - 1) % self.history, self.history)  # out of range: dropped
         finite = lambda a: jnp.where(jnp.isfinite(a), a, 0.0)  # noqa: E731
-        return lanes._replace(s_history=lanes.s_history.at[rows, slots].set(finite(s), mode="drop"),
-                              y_history=lanes.y_history.at[rows, slots].set(finite(y), mode="drop"))
+        return lane._replace(s_history=lane.s_history.at[slot].set(finite(s), mode="drop"),
+                             y_history=lane.y_history.at[slot].set(finite(y), mode="drop"))
 
     @staticmethod
     def _restart_attempts(x, key, attempt, init, again):
         """Fresh N(0, 1) starts for the lanes in `again` (under a `cond`: most trips have none)."""
         return _select(again, jax.vmap(_fresh_dummy)(key, attempt, init), x)
 
-    # ---- directions: the compact L-BFGS product for the lanes that need one, in blocks
-    def _directions(self, lanes: Lanes, need) -> Lanes:
-        """The next search direction and first trial step of each lane in `need`.
-
-        The lanes that need one are compacted (`nonzero`) and processed `direction_block` at a time in a loop
-        whose trip count is the number of such blocks: the product reads the lane's history twice, so running
-        it for lanes still in their line search would make every trip dearer. On CPU the block is one lane
-        (reading its history rows in place); on accelerators all lanes, vmapped.
-        """
-        batch = need.shape[0]
-        block = max(1, min(batch, self.direction_block))
-        order = jnp.nonzero(need, size=-(-batch // block) * block, fill_value=batch)[0]
-        blocks = (jnp.sum(need) + block - 1) // block
+    def _start_line_search(self, lane: Lanes) -> Lanes:
+        """The lane's next search direction (the compact L-BFGS product, which also brings its s.y / y.y tables
+        up to date), the slope along it and the first trial step (jaxopt's "increase" rule)."""
         c, solver = self.ls, self.solver
-        unravel = ravel_pytree(_take(lanes.x, 0))[1]
-
-        def first_trial(stepsize):
-            return jnp.minimum(c["max_stepsize"], _init_stepsize("increase", c["max_stepsize"], solver.min_stepsize,
-                                                                 solver.increase_factor, stepsize))
-
-        def start_line_search(grad, s_history, y_history, sy, yy, gamma, count, stepsize) -> dict:
-            """One lane's new direction (and its s.y / y.y tables), slope and first trial."""
-            g = ravel_pytree(grad)[0]
-            product, sy, yy = lbfgs_inverse_hessian_product(g, s_history, y_history, sy, yy, gamma, count)
-            return dict(direction=unravel(-product), slope=-product @ g, sy=sy, yy=yy, trial=first_trial(stepsize),
-                        ls_iter=jnp.zeros_like(count))
-
-        def inputs(lanes: Lanes) -> tuple:
-            return (lanes.grad, lanes.s_history, lanes.y_history, lanes.sy, lanes.yy, lanes.gamma, lanes.lbfgs_iter,
-                    lanes.stepsize)
-
-        def one_lane(j, lanes: Lanes) -> Lanes:
-            i = order[j]  # in range
-            new = start_line_search(*_take(inputs(lanes), i))
-            return lanes._replace(**{f: _put(getattr(lanes, f), v, i) for f, v in new.items()})
-
-        def one_block(j, lanes: Lanes) -> Lanes:
-            ids = jax.lax.dynamic_slice(order, (j * block,), (block,))  # padding ids == batch: reads clamp, writes drop
-            new = jax.vmap(start_line_search)(*jax.tree.map(lambda a: a[ids], inputs(lanes)))
-            put = lambda old, new: old.at[ids].set(new, mode="drop")  # noqa: E731
-            return lanes._replace(**{f: jax.tree.map(put, getattr(lanes, f), v) for f, v in new.items()})
-
-        if block >= batch:  # every lane at once (accelerators): no gathers of the histories
-            new = jax.vmap(start_line_search)(*inputs(lanes))
-            return lanes._replace(**{f: _select(need, v, getattr(lanes, f)) for f, v in new.items()})
-        return jax.lax.fori_loop(0, blocks, one_lane if block == 1 else one_block, lanes)
+        g, unravel = ravel_pytree(lane.grad)
+        product, sy, yy = lbfgs_inverse_hessian_product(g, lane.s_history, lane.y_history, lane.sy, lane.yy,
+                                                        lane.gamma, lane.lbfgs_iter)
+        trial = _init_stepsize("increase", c["max_stepsize"], solver.min_stepsize, solver.increase_factor,
+                               lane.stepsize)
+        return lane._replace(direction=unravel(-product), slope=-product @ g, sy=sy, yy=yy,
+                             trial=jnp.minimum(c["max_stepsize"], trial), ls_iter=jnp.zeros_like(lane.ls_iter))
 
     def _harvest(self, lanes: Lanes) -> dict:
         return self._outcome(lanes.best_dummy, lanes.known_labels, lanes.best_value, lanes.status, lanes.attempt,

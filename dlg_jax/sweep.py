@@ -163,7 +163,7 @@ class Sweep:
         seconds = np.zeros(len(tasks))
         outcomes: list[dict | None] = [None] * len(tasks)
         local = lanes // len(engine.devices)
-        max_trips = 32
+        max_trips = engine.min_chunk_trips
         while queue or any(job is not None for job in slot_job):
             start = time.perf_counter()
             state = self._refill(programs, state, slot_job, queue, images, labels, tasks)
@@ -174,7 +174,7 @@ class Sweep:
             out = engine.harvest(programs, state)
             now = time.perf_counter()
             trips = int(np.max(trips))
-            max_trips = int(np.clip(trips / max(now - run_start, 1e-3) * CHUNK_SECONDS, 8, 1 << 20))
+            max_trips = int(np.clip(trips / max(now - run_start, 1e-3) * CHUNK_SECONDS, engine.min_chunk_trips, 1 << 20))
             for i in busy:  # this chunk's time, shared by the attacks that were in it
                 seconds[slot_job[i][0]] += (now - start) / len(busy)
             finished = []

@@ -1,13 +1,18 @@
 """Cost of one loop trip of the sweep engine per lane, in steady state, and (--profile) where it goes, op by op.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=1 taskset -c 0 \\
-        python experiments/bench_engine_trip.py [--lanes 32] [--warmup-trips 900] [--trips 50] [--repeats 6] [--profile]
+        python experiments/bench_engine_trip.py [--lanes 32] [--warmup-trips 900] [--trips 128] [--repeats 6]
+                                                [--all-lanes] [--devices 1] [--profile]
 
-One trip evaluates D and its gradient once per live lane and gives a new L-BFGS direction to the lanes whose
-line search accepted a step, so milliseconds per lane-trip = the engine's cost per evaluation. The lanes
-attack CIFAR-100 image n % 50 from seed n with the default attack settings; after --warmup-trips (past the
-long line searches of the first iterations) --repeats runs of --trips trips are timed (min and median).
-Pin the process to one core with one CPU device (as above) so that the number is one core's.
+A lane's trip evaluates D and its gradient once and, when its line search accepts a step, computes the next
+L-BFGS direction, so milliseconds per lane-trip = the engine's cost per evaluation. The lanes attack CIFAR-100
+image n % 50 from seed n with the default attack settings; after --warmup-trips (past the long line searches
+of the first iterations) --repeats engine calls of --trips trips per lane are timed (min and median). On CPU
+each call copies every lane's state (2.5 MB of history) out and back once, so --trips sets how far that is
+amortised; a sweep asks for at least 128 (`FlatEngine.min_chunk_trips`). --all-lanes runs the accelerator
+path instead (every lane's trip at once, vmapped). Pin the process to one core with one CPU device (as above)
+so that the number is one core's; --devices 2 (with the device count flag at 2, not pinned) measures both
+cores.
 
 --profile traces --trips more trips with `jax.profiler` and prints the operations of the compiled loop that
 take the most time per trip (with the JAX operation they come from, from the HLO metadata) and the time by
@@ -59,11 +64,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lanes", type=int, default=32)
     p.add_argument("--warmup-trips", type=int, default=900)
-    p.add_argument("--trips", type=int, default=50)
+    p.add_argument("--trips", type=int, default=128)
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--direction-block", type=int, default=None,
-                   help="lanes given directions together (default: the engine's choice for the platform)")
+    p.add_argument("--all-lanes", action="store_true",
+                   help="every lane takes its trip at once, vmapped (the accelerator path) instead of lane by lane")
+    p.add_argument("--devices", type=int, default=1, help="CPU devices to shard the lanes over (default 1)")
     p.add_argument("--data", default=str(DATA))
     args = p.parse_args(argv)
     if min(args.lanes, args.trips, args.repeats) <= 0 or args.warmup_trips < 0:
@@ -77,9 +83,9 @@ def main(argv=None) -> int:
     with np.load(args.data) as npz:
         images, labels = npz["images"], npz["labels"].astype(np.int32)
     tasks = [Task(n % len(images), n) for n in range(args.lanes)]
-    sweep = Sweep(100, (32, 32, 3), AttackConfig(), devices=jax.devices()[:1])
-    if args.direction_block:
-        sweep.engine.direction_block = args.direction_block
+    sweep = Sweep(100, (32, 32, 3), AttackConfig(), devices=jax.devices()[:args.devices])
+    if args.all_lanes:
+        sweep.engine.lane_by_lane = False
     programs = sweep.compile(sweep.lanes_for(len(tasks), args.lanes))
     engine = sweep.engine
     chosen = [t.image for t in tasks]

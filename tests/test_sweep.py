@@ -8,6 +8,7 @@ iterations, evaluations, label) are equal.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -127,19 +128,19 @@ def test_diverged_pairs_are_stored_as_zeros():
 
     lanes = Lanes(jnp.array([1, 2, 1]), jnp.ones((3, 4, 2)), jnp.ones((3, 4, 2)))
     s = jnp.array([[jnp.nan, 1.0], [2.0, jnp.inf], [3.0, 3.0]])
-    out = FlatEngine._write_history(SimpleNamespace(history=4), lanes, s, -s, jnp.array([True, True, False]))
+    write = functools.partial(FlatEngine._write_history, SimpleNamespace(history=4))
+    out = jax.vmap(write)(lanes, s, -s, jnp.array([True, True, False]))
     np.testing.assert_array_equal(out.s_history[0, 0], [0.0, 1.0])
     np.testing.assert_array_equal(out.y_history[1, 1], [-2.0, 0.0])
     np.testing.assert_array_equal(out.s_history[2], np.ones((4, 2)))  # not writing: untouched
 
 
-@pytest.mark.parametrize("block", [2, 1 << 30])
-def test_blocked_lanes_equal_attacks_run_one_by_one(cifar100, alone, block):
-    """Evaluations and directions vmapped over blocks of lanes (gathered), or over every lane at once (as on
-    accelerators), give what the one-lane-at-a-time CPU path gives."""
+def test_all_lanes_at_once_equal_attacks_run_one_by_one(cifar100, alone):
+    """Every lane taking its trip at once (vmapped, as on accelerators) gives what the lane-by-lane CPU path gives."""
     images, labels = cifar100["images"][:4], cifar100["labels"][:4]
     sweep = S.Sweep(100, (32, 32, 3), TINY)
-    sweep.engine.eval_block = sweep.engine.direction_block = block
+    assert sweep.engine.lane_by_lane  # the CPU default
+    sweep.engine.lane_by_lane = False
     assert_same(sweep.run(images, labels, TASKS, batch=3), alone)
 
 
@@ -250,9 +251,10 @@ SHARDED = textwrap.dedent("""
     config = AttackConfig(steps=3, iterations_per_step=5, precision="float64", history_size=10)
     tasks = [Task(n, 10 + n) for n in range(6)]
     out = {}
-    for name, devices in (("sharded", jax.devices()), ("one", jax.devices()[:1])):
+    for name, devices, batch in (("sharded", jax.devices(), 8), ("one", jax.devices()[:1], 8),
+                                 ("one_2_lanes", jax.devices()[:1], 2)):
         sweep = Sweep(100, (32, 32, 3), config, restarts=2, devices=devices)
-        results = sweep.run(images, labels, tasks, batch=8)
+        results = sweep.run(images, labels, tasks, batch=batch)
         out[name] = [dict(d=r["grad_distance"], dist=r["restart_distances"], it=r["iterations"], ev=r["evaluations"],
                           st=r["status"], img=r["reconstruction"].ravel()[:50].tolist()) for r in results]
         out[name + "_devices"] = len(sweep.engine.mesh.devices.ravel())
@@ -268,9 +270,14 @@ def test_sharded_over_4_devices_equals_one_device():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["sharded_devices"] == 4 and out["one_devices"] == 1
+    # On CPU every lane runs the same unbatched programs whatever the number of lanes: bit for bit equal.
+    assert out["one_2_lanes"] == out["one"]
+    # Across device counts XLA's CPU runtime rounds the first evaluation differently (~1e-14 in float64), and
+    # the long line searches from N(0, 1) starts amplify that (one restart here: 271 evaluations in 15
+    # iterations, ~1e-6 relative at the end); the discrete outcomes must agree exactly.
     for a, b in zip(out["sharded"], out["one"]):
         assert (a["it"], a["ev"], a["st"]) == (b["it"], b["ev"], b["st"])
-        np.testing.assert_allclose(a["dist"], b["dist"], rtol=1e-6)
+        np.testing.assert_allclose(a["dist"], b["dist"], rtol=1e-5)
         np.testing.assert_allclose(a["img"], b["img"], atol=1e-4)
 
 
