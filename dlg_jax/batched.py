@@ -402,7 +402,8 @@ class FlatEngine(_EngineBase):
 
     # ---- running: trips of one evaluation per lane
     def _run(self, lanes: Lanes, params, max_trips, min_live):
-        """Advance the lanes by up to `max_trips` trips each; returns (lanes, the most trips a lane made)."""
+        """Advance the lanes by up to `max_trips` trips each (lane by lane: as many lane-trips in all); returns
+        (lanes, the trips done)."""
         if self.lane_by_lane:
             return self._run_lane_by_lane(lanes, params, max_trips)
 
@@ -422,17 +423,24 @@ class FlatEngine(_EngineBase):
 
     def _run_lane_by_lane(self, lanes: Lanes, params, max_trips):
         """Each running lane takes its trips alone, lane after lane: the unbatched programs, in a loop whose
-        state is the lane itself, so its histories are read and written in place."""
+        state is the lane itself, so its histories are read and written in place.
+
+        The call does `max_trips` x lanes lane-trips, shared evenly by the running lanes (what a lane that
+        finishes early leaves goes to the lanes after it), so every device works for as long as the others
+        however many of its lanes are still running. Returns (lanes, lane-trips done / lanes).
+        """
         live = lanes.live
-        order = jnp.nonzero(live, size=live.shape[0], fill_value=0)[0]
+        batch, running = live.shape[0], jnp.sum(live)
+        order = jnp.nonzero(live, size=batch, fill_value=0)[0]
+        budget = max_trips * batch
 
         def lane_trips(j, carry):
-            lanes, most = carry
-            i = order[j]  # a running lane
+            lanes, used = carry
+            share = (budget - used) // (running - j)
 
             def going(carry):
                 trips, lane = carry
-                return (trips < max_trips) & lane.live
+                return (trips < share) & lane.live
 
             def trip(carry):
                 trips, lane = carry
@@ -440,11 +448,12 @@ class FlatEngine(_EngineBase):
                 x = jax.lax.cond(again, lambda: _fresh_dummy(lane.key, lane.attempt, lane.init), lambda: lane.x)
                 return trips + 1, lane._replace(x=x)
 
+            i = order[j]  # a running lane
             trips, lane = jax.lax.while_loop(going, trip, (jnp.zeros((), jnp.int32), _take(lanes, i)))
-            return _put(lanes, lane, i), jnp.maximum(most, trips)
+            return _put(lanes, lane, i), used + trips
 
-        lanes, most = jax.lax.fori_loop(0, jnp.sum(live), lane_trips, (lanes, jnp.zeros((), jnp.int32)))
-        return lanes, most[None]
+        lanes, used = jax.lax.fori_loop(0, running, lane_trips, (lanes, jnp.zeros((), jnp.int32)))
+        return lanes, (-(-used // batch))[None]
 
     def _lane_trip(self, lane: Lanes, params) -> tuple[Lanes, jax.Array]:
         """One lane's trip: evaluate D at its trial point (or its fresh start), take the line-search decision,

@@ -202,9 +202,17 @@ class Sweep:
         batch_images = np.zeros((lanes, self.batch_size, *self.image_shape), np.uint8)
         batch_labels = np.zeros((lanes, self.batch_size), np.int32)
         seeds, restarts = (np.zeros(lanes, np.int32) for _ in range(2))
+        per_device = lanes // len(self.engine.devices)  # lane i runs on device i // per_device
+        free_on = collections.defaultdict(collections.deque)
         for i in free:
-            if not queue:
-                break
+            free_on[i // per_device].append(i)
+        busy = collections.Counter(i // per_device for i, job in enumerate(slot_job) if job is not None)
+        while free_on and queue:  # each job to the least busy device (fewer jobs than lanes: share them evenly)
+            device = min(free_on, key=lambda d: (busy[d], d))
+            i = free_on[device].popleft()
+            if not free_on[device]:
+                del free_on[device]
+            busy[device] += 1
             t, r = queue.popleft()
             slot_job[i], mask[i] = (t, r), True
             batch_images[i] = images[tasks[t].positions]

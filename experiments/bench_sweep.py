@@ -17,8 +17,9 @@ reference attacks the whole task list one by one and each B is compared with the
 (their mean seconds). Printed per (engine, B): seconds per attack (min and median over repeats; compilation
 excluded; for sequential the mean over tasks), its ratio to sequential, milliseconds per
 evaluation (time / evaluations the attacks needed; normalises for the tasks' different line-search costs)
-and its ratio, evaluations per iteration, lane use (evaluations needed / lane-trips: idle lanes are skipped,
-so this is occupancy, not waste), MFLOP per evaluation (XLA cost analysis of the objective and its gradient:
+and its ratio, evaluations per iteration, lane use (evaluations needed / lane-trips of the vmapped
+trip: idle lanes are skipped, so this is occupancy, not waste; "-" on CPU, where lanes take their trips one
+after another and a finished lane takes none), MFLOP per evaluation (XLA cost analysis of the objective and its gradient:
 `jit(value_and_grad).lower(...).compile().cost_analysis()['flops']`) and achieved GFLOP/s (evaluations x
 FLOPs / time).
 """
@@ -103,7 +104,8 @@ def time_sweep(config, engine: str, batch: int, images, labels, tasks, repeats: 
         outcomes = sweep.run(images, labels, tasks, batch=batch)
         times.append((time.perf_counter() - start) / len(tasks))
     evaluations = sum(o["evaluations"] for o in outcomes)
-    return times, evaluations, sum(trips) * lanes, len(devices)
+    lane_trips = None if getattr(sweep.engine, "lane_by_lane", False) else sum(trips) * lanes  # lanes never idle
+    return times, evaluations, lane_trips, len(devices)
 
 
 def main(argv=None) -> int:
@@ -165,7 +167,7 @@ def main(argv=None) -> int:
                 ref_seconds, ref_evaluations = sequential[0][:len(tasks)], sequential[1][:len(tasks)]
                 ratio = f"{min(times) / ref_seconds.mean():.2f}"
                 ratio_eval = f"{per_eval / (ref_seconds.sum() / ref_evaluations.sum()):.2f}"
-            use = f"{evaluations / lane_trips:.2f}" if engine != "vmap" else "-"
+            use = f"{evaluations / lane_trips:.2f}" if engine != "vmap" and lane_trips else "-"
             print(f"| {engine} | {batch} | {devices} | {len(tasks)} | {min(times):.3f} | {statistics.median(times):.3f} "
                   f"| {ratio} | {per_eval * 1e3:.3f} | {ratio_eval} | {evaluations / len(tasks) / args.iterations:.2f} "
                   f"| {use} | {flops / per_eval / 1e9:.1f} |", flush=True)

@@ -144,6 +144,23 @@ def test_all_lanes_at_once_equal_attacks_run_one_by_one(cifar100, alone):
     assert_same(sweep.run(images, labels, TASKS, batch=3), alone)
 
 
+def test_refill_shares_jobs_evenly_between_devices():
+    """With fewer jobs than lanes (the end of a sweep, or a small one), each device gets its share: lanes are
+    filled on the least busy device first, not in index order (which would load the first device only)."""
+    import collections
+    from types import SimpleNamespace
+
+    sweep = S.Sweep.__new__(S.Sweep)  # only what _refill reads
+    sweep.batch_size, sweep.image_shape = 1, (2, 2, 3)
+    sweep.engine = SimpleNamespace(devices=[0, 1], fill=lambda programs, state, mask, *jobs: mask)
+    images, labels = np.zeros((9, 2, 2, 3), np.uint8), np.arange(9)
+    tasks = [S.Task(n, 0) for n in range(9)]
+    slot_job = [(8, 0), None, None, None, None, None, None, None]  # 8 lanes, 4 per device; lane 0 busy
+    mask = sweep._refill(None, None, slot_job, collections.deque((t, 0) for t in range(3)), images, labels, tasks)
+    assert mask[:4].sum() + 1 == mask[4:].sum() == 2  # device 0 had one job already: 2 + 2, not 4 + 0
+    assert sorted(job for job in slot_job if job) == [(0, 0), (1, 0), (2, 0), (8, 0)]  # every job placed once
+
+
 def test_vmap_engine_equals_attacks_run_one_by_one(cifar100, alone):
     images, labels = cifar100["images"][:4], cifar100["labels"][:4]
     outcomes = S.Sweep(100, (32, 32, 3), TINY, engine="vmap").run(images, labels, TASKS[:2], batch=2)
