@@ -123,7 +123,7 @@ def _tree_where(flag: jax.Array, new, old):
 
 
 def _take(tree, i):
-    """Lane `i` (in range) of every leaf: a dynamic slice, which XLA reads in place."""
+    """Lane `i` (in range) of every leaf (a dynamic slice: a copy, when what reads it cannot read in place)."""
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
 
 
