@@ -29,18 +29,19 @@ def image_rows(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-def summarise(rows: Sequence[dict]) -> dict:
+def summarise(rows: Sequence[dict], attack_seconds: float | None = None) -> dict:
     """Success rate, PSNR statistics, label accuracy and throughput of a list of result rows.
 
     `attacks_per_hour` is rows per hour of attack time: each row's `seconds` is its share of the batched
-    program's wall time (compilation excluded), so the sum is the time the device spent on the sweep, however
-    many runs (resumes) it took.
+    program's wall time (compilation excluded), so their sum is the time the devices spent on the sweep,
+    however many runs (resumes) it took. Processes that ran side by side pass `attack_seconds` instead: the
+    slowest one's time.
     """
     if not rows:
         return dict(rows=0)
     images = image_rows(rows)
     psnr = np.array([r["psnr"] for r in images], np.float64)
-    seconds = float(sum(r["seconds"] for r in rows))
+    seconds = float(sum(r["seconds"] for r in rows)) if attack_seconds is None else float(attack_seconds)
     statuses: dict[str, int] = {}
     for r in rows:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
@@ -169,10 +170,10 @@ def image_name(index: int, seed: int) -> str:
     return f"{index}-{seed}.npz"
 
 
-def write(out: Path, rows: Sequence[dict], config: dict, worst: int = 16) -> dict:
+def write(out: Path, rows: Sequence[dict], config: dict, worst: int = 16, attack_seconds: float | None = None) -> dict:
     """Write summary.json, summary.md, psnr_histogram.png and worst.png into `out` (each atomically)."""
     rows = sorted(rows, key=lambda r: (r["index"], r["seed"]))
-    summary = summarise(rows)
+    summary = summarise(rows, attack_seconds)
     _atomic_text(out / "summary.json", json.dumps(dict(summary=summary, config=config), indent=2) + "\n")
     _atomic_text(out / "summary.md", markdown(summary, rows, config))
     if rows:

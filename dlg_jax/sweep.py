@@ -362,6 +362,18 @@ class ResultsDir:
                     f.truncate(keep)
                     os.fsync(f.fileno())
 
+    def seconds_by_file(self) -> dict[str, float]:
+        """The attack time in each row file (each host's or worker's): the sum of its rows' `seconds`."""
+        totals = {}
+        for file in sorted(self.path.glob("results*.jsonl")):
+            totals[file.name] = 0.0
+            for line in file.read_bytes().split(b"\n"):
+                try:
+                    totals[file.name] += float(json.loads(line)["seconds"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # empty, or a line cut short by a crash
+        return totals
+
     def rows(self) -> list[dict]:
         """All rows in DIR (every host's file), each (index, seed) once; an unreadable line is skipped."""
         rows, seen = [], set()
@@ -560,7 +572,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _summarise(results: "ResultsDir") -> None:
     rows = results.rows()
-    summary = report.write(results.path, rows, results.identity)
+    per_file = results.seconds_by_file()  # several: hosts or workers side by side; the slowest sets the pace
+    summary = report.write(results.path, rows, results.identity,
+                           attack_seconds=max(per_file.values()) if len(per_file) > 1 else None)
     if rows:
         print(f"{summary['rows']} attacks in {results.path}: {summary['successes']} at PSNR >= "
               f"{report.SUCCESS_DB:.0f} dB ({100 * summary['success_rate']:.1f}%), median PSNR "
@@ -631,8 +645,6 @@ def _run(args, runner: Sweep, dataset: data_lib.Dataset, position: dict[int, int
             row, order = run_lib.judge(truth / 255.0, reconstruction, o["label_pred"], o["label_true"], members[index],
                                        dataset.label_names)
             rows.append(dict(row, index=index, seed=seed, restarts=runner.restarts, **{k: o[k] for k in keys}))
-            if args.worker is not None:  # the workers share the machine: an attack's share of its time
-                rows[-1]["seconds"] = o["seconds"] / args.worker[1]
             images[(index, seed)] = (truth if batched else truth[0], reconstruction[order] if batched else o["reconstruction"])
         results.append(rows, images)
 
