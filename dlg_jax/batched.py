@@ -233,8 +233,9 @@ class _EngineBase:
     """What both engines share: problems, the device mesh, compilation and the host-facing calls.
 
     `fill(lanes, mask, images, labels, seeds, restarts)` starts new attacks in the masked lanes,
-    `run(lanes, max_trips, min_live)` advances them (stopping early once fewer than `min_live` lanes of a
-    device are still running) and `harvest(lanes)` returns their outcome as numpy arrays.
+    `run(lanes, max_trips, min_live)` advances them (trips of all lanes at once stop early once fewer than
+    `min_live` lanes of a device are still running; lane by lane, the trips of a lane that finishes go to the
+    others) and `harvest(lanes)` returns their outcome as numpy arrays.
     """
 
     def __init__(self, apply_fn, params, config: A.AttackConfig, num_classes: int, image_shape: Sequence[int],
@@ -432,7 +433,7 @@ class FlatEngine(_EngineBase):
         live = lanes.live
         batch, running = live.shape[0], jnp.sum(live)
         order = jnp.nonzero(live, size=batch, fill_value=0)[0]
-        budget = max_trips * batch
+        budget = jnp.minimum(max_trips, jnp.iinfo(jnp.int32).max // batch) * batch
 
         def lane_trips(j, carry):
             lanes, used = carry
