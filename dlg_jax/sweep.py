@@ -449,8 +449,8 @@ def build_parser() -> ArgumentParser:
     sw.add_argument("--num-processes", type=positive_int, default=None, help="with --distributed: number of hosts")
     sw.add_argument("--process-id", type=int, default=None, help="with --distributed: this host's id")
     sw.add_argument("--processes", type=positive_int, default=1,
-                    help="CPU: run N processes, one per core, each with one device and its share of the attacks "
-                         "(2 on 2 cores: ~1.2x the attacks per hour of one process with a device per core)")
+                    help="CPU: run N processes, one per core, each with one device and its share of the attacks, "
+                         "instead of one process with a device per core")
     sw.add_argument("--worker", default=None, type=lambda v: tuple(map(int, v.split("/"))),
                     help=argparse.SUPPRESS)  # K/N: worker K of --processes N, parsed to (K, N)
     sw.add_argument("--single-device", action="store_true",
@@ -586,9 +586,10 @@ def _launch(args, argv: list[str], prog: str, results: "ResultsDir", total: int)
     """--processes N: this command N times as workers, each pinned to one core with one CPU device and taking every
     N-th attack (the host partition of --distributed, without jax.distributed), then one summary of all rows.
 
-    Why: XLA runs the small operations of an attack on one thread; two devices in one process got 1.45-1.75x from
-    the second core, two processes 2x (experiments/results/bench_sweep.md). Bad input was refused before this
-    (`main`); resuming, refusals and row files (results.pK.jsonl) are the workers' as for --distributed.
+    Why: XLA runs the small operations of an attack on one thread, so a core needs a device (or a process) of its
+    own. Two devices in one process now get 1.9x from the second core, two processes 2x
+    (experiments/results/bench_sweep.md); the processes share nothing at run time. Bad input was refused before
+    this (`main`); resuming, refusals and row files (results.pK.jsonl) are the workers' as for --distributed.
     """
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f)
