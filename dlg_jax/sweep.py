@@ -362,32 +362,37 @@ class ResultsDir:
                     f.truncate(keep)
                     os.fsync(f.fileno())
 
-    def seconds_by_file(self) -> dict[str, float]:
-        """The attack time in each row file (each host's or worker's): the sum of its rows' `seconds`."""
-        totals = {}
+    def _files(self):
+        """Each row file in DIR (every host's or worker's) with its readable rows; a line that is not a JSON
+        object (empty, or cut short by a crash) is skipped."""
         for file in sorted(self.path.glob("results*.jsonl")):
-            totals[file.name] = 0.0
-            for line in file.read_bytes().split(b"\n"):
-                try:
-                    totals[file.name] += float(json.loads(line)["seconds"])
-                except (ValueError, KeyError, TypeError):
-                    continue  # empty, or a line cut short by a crash
-        return totals
-
-    def rows(self) -> list[dict]:
-        """All rows in DIR (every host's file), each (index, seed) once; an unreadable line is skipped."""
-        rows, seen = [], set()
-        for file in sorted(self.path.glob("results*.jsonl")):
+            rows = []
             for line in file.read_bytes().split(b"\n"):
                 try:
                     row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+            yield file, rows
+
+    def seconds_by_file(self) -> dict[str, float]:
+        """The attack time in each row file (each host's or worker's): the sum of its rows' `seconds`."""
+        return {file.name: sum(float(row.get("seconds", 0.0)) for row in rows) for file, rows in self._files()}
+
+    def rows(self) -> list[dict]:
+        """All rows in DIR (every host's file), each (index, seed) once; an unreadable line is skipped."""
+        out, seen = [], set()
+        for _, rows in self._files():
+            for row in rows:
+                try:
                     key = (row["index"], row["seed"])
-                except (ValueError, KeyError, TypeError):
-                    continue  # empty, or a line cut short by a crash
+                except KeyError:
+                    continue
                 if key not in seen:
                     seen.add(key)
-                    rows.append(row)
-        return rows
+                    out.append(row)
+        return out
 
     def append(self, rows: list[dict], images: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]) -> None:
         """Save the rows' reconstructions, then append the rows: one write, flush, fsync."""
@@ -572,9 +577,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _summarise(results: "ResultsDir") -> None:
     rows = results.rows()
-    per_file = results.seconds_by_file()  # several: hosts or workers side by side; the slowest sets the pace
+    # one file per host or worker, side by side: the slowest sets the pace (one file: its rows' sum)
     summary = report.write(results.path, rows, results.identity,
-                           attack_seconds=max(per_file.values()) if len(per_file) > 1 else None)
+                           attack_seconds=max(results.seconds_by_file().values(), default=None))
     if rows:
         print(f"{summary['rows']} attacks in {results.path}: {summary['successes']} at PSNR >= "
               f"{report.SUCCESS_DB:.0f} dB ({100 * summary['success_rate']:.1f}%), median PSNR "

@@ -104,7 +104,7 @@ def time_sweep(config, engine: str, batch: int, images, labels, tasks, repeats: 
         outcomes = sweep.run(images, labels, tasks, batch=batch)
         times.append((time.perf_counter() - start) / len(tasks))
     evaluations = sum(o["evaluations"] for o in outcomes)
-    lane_trips = None if getattr(sweep.engine, "lane_by_lane", False) else sum(trips) * lanes  # lanes never idle
+    lane_trips = None if sweep.engine.lane_by_lane else sum(trips) * lanes  # lanes never idle
     return times, evaluations, lane_trips, len(devices)
 
 
