@@ -41,6 +41,7 @@ STATUS_NAMES = {RUNNING: "running", CONVERGED: "converged", MAX_STEPS: "max_step
 LABEL_STRATEGIES = ("joint", "idlg")
 OPTIMIZERS = ("lbfgs", "torch-lbfgs")
 PIXEL_RANGES = ("free", "sigmoid")
+LINESEARCH_CONDITIONS = ("armijo", "wolfe", "strong-wolfe")
 
 
 def cross_entropy(logits: jax.Array, soft_labels: jax.Array) -> jax.Array:
@@ -126,11 +127,14 @@ class AttackConfig:
 
     steps: int = 300  # reported steps, as the reference's 300 `optimizer.step` calls
     iterations_per_step: int = 20  # LBFGS iterations per step (torch's max_iter)
+    evaluations_per_step: int = 25  # ...and evaluations of D per step (torch's max_eval = max_iter * 5 / 4)
     label_strategy: str = "joint"
     optimizer: str = "lbfgs"  # jaxopt LBFGS; "torch-lbfgs": torch.optim.LBFGS's semantics (torch_lbfgs.py)
     precision: str = "float32"
     history_size: int = 100
     linesearch: str = "backtracking"
+    linesearch_condition: str = "armijo"  # what backtracking accepts: sufficient decrease alone, or (strong) Wolfe
+    linesearch_decrease: float = 0.5  # backtracking's step shrink per rejected trial
     max_linesearch_steps: int = 30
     tolerance: float = 1e-7  # converged when D <= tolerance * ||shared gradient||^2 (~40 dB on CIFAR)
     retries: int = 3  # fresh random starts after an attempt stalls or diverges
@@ -144,11 +148,14 @@ class AttackConfig:
         for name, value, allowed in (("label_strategy", self.label_strategy, LABEL_STRATEGIES),
                                      ("optimizer", self.optimizer, OPTIMIZERS),
                                      ("pixel_range", self.pixel_range, PIXEL_RANGES),
+                                     ("linesearch_condition", self.linesearch_condition, LINESEARCH_CONDITIONS),
                                      ("precision", self.precision, ("float32", "float64"))):
             if value not in allowed:
                 raise ValueError(f"{name} {value!r}: choose from {', '.join(allowed)}")
-        if min(self.steps, self.iterations_per_step, self.history_size) <= 0:
-            raise ValueError("steps, iterations_per_step and history_size must be positive")
+        if min(self.steps, self.iterations_per_step, self.evaluations_per_step, self.history_size) <= 0:
+            raise ValueError("steps, iterations_per_step, evaluations_per_step and history_size must be positive")
+        if not 0 < self.linesearch_decrease < 1:
+            raise ValueError("linesearch_decrease must be between 0 and 1")
         if self.tv_weight < 0 or self.tv_stages <= 0 or (self.tv_weight > 0 and self.tv_stages > self.steps):
             raise ValueError("tv_weight must be >= 0 and tv_stages between 1 and steps")
         if self.optimizer == "torch-lbfgs" and self.has_prior:
@@ -172,6 +179,12 @@ class AttackConfig:
     @property
     def max_iterations(self) -> int:
         return self.steps * self.iterations_per_step
+
+    @property
+    def max_evaluations(self) -> int:
+        """The budget of evaluations of D over all attempts: an iteration whose line searches cannot find a
+        decrease (D at float rounding level, say) costs up to `max_linesearch_steps` of them."""
+        return self.steps * self.evaluations_per_step
 
     @property
     def dtype(self):
@@ -210,13 +223,50 @@ class AttackState(NamedTuple):
 
 
 def make_solver(apply_fn: ApplyFn, config: AttackConfig) -> jaxopt.LBFGS:
-    return jaxopt.LBFGS(
+    """jaxopt's LBFGS on `attack_objective`, its backtracking line search set as `config` asks.
+
+    jaxopt's LBFGS always backtracks to strong Wolfe, shrinking the step by 0.8. From a N(0, 1) start the
+    step LBFGS proposes is often too *short* for Wolfe's curvature test, which backtracking cannot fix (it
+    only shortens): 30 trials, then the shortest step is taken anyway and the next search starts from it.
+    Armijo's sufficient decrease alone accepts such a step at once, and halving reaches a step that does
+    decrease D in fewer trials. Without the curvature test s . y > 0 is no longer ensured, so pairs without
+    it are skipped (`skip_nonpositive_curvature`). On the 50 shared CIFAR-100 images, seeds 1234, 1, 2, this
+    took 30-60% fewer evaluations at the same success (README, "Solver settings").
+
+    Armijo runs as jaxopt's weak-Wolfe search with the curvature test switched off (c2 = inf, so
+    c2 * slope - new_slope = -inf along any descent direction): jaxopt's own "armijo" evaluates D alone at
+    each trial and its gradient again at the accepted point, which costs more than both at once when most
+    first trials are accepted, and counts evaluations differently from the sweep engine.
+    """
+    solver = jaxopt.LBFGS(
         fun=lambda dummy, *args: attack_objective(dummy, *args, apply_fn=apply_fn, config=config),
         history_size=config.history_size,
         linesearch=config.linesearch,
         maxls=config.max_linesearch_steps,
         maxiter=config.max_iterations,
     )
+    if config.linesearch == "backtracking":
+        armijo = config.linesearch_condition == "armijo"
+        solver.linesearch_solver = dataclasses.replace(
+            solver.linesearch_solver, condition="wolfe" if armijo else config.linesearch_condition,
+            c2=float("inf") if armijo else solver.linesearch_solver.c2, decrease_factor=config.linesearch_decrease)
+        solver.run_ls = solver.linesearch_solver.run
+    return solver
+
+
+def skip_nonpositive_curvature(solver: jaxopt.LBFGS, before: NamedTuple, after: NamedTuple) -> NamedTuple:
+    """`after` (jaxopt's LBFGS state after an iteration from `before`) without its new pair if s . y <= 0.
+
+    LBFGS's inverse-Hessian estimate stays positive definite only while every pair has s . y > 0. Wolfe's
+    curvature test ensures it; Armijo's test alone does not, and one such pair (with gamma = s.y / y.y < 0)
+    turns the next direction uphill, where no step decreases D: 30 trials, then a step of ~1e-9. The pair is
+    dropped as a zero-curvature pair is (rho = 0) and gamma stays what it was, as torch's LBFGS skips pairs
+    with s . y <= 1e-10.
+    """
+    slot = before.iter_num % solver.history_size
+    curved = after.rho_history[slot] > 0  # rho = 1 / (s . y), and 0 where s . y = 0
+    return after._replace(rho_history=after.rho_history.at[slot].set(jnp.where(curved, after.rho_history[slot], 0.0)),
+                          gamma=jnp.where(curved, after.gamma, before.gamma))
 
 
 def init_state(solver: jaxopt.LBFGS, problem: Problem, prior_weight: jax.Array | float = 0.0) -> AttackState:
@@ -232,7 +282,7 @@ def advance(solver: jaxopt.LBFGS, config: AttackConfig, state: AttackState, prob
     """LBFGS iterations until `until` iterations are done in all, or the attempt stops.
 
     An attempt stops when D converges (relative to the shared gradient's size), when it turns non-finite
-    (diverged), or, while retries remain, when it has not cut D by `probe_reduction` within
+    (diverged), when the budget of iterations or evaluations is spent, or, while retries remain, when it has not cut D by `probe_reduction` within
     `probe_steps` steps (stalled: `retry` then starts it afresh).
     """
     target = config.tolerance * sum(jnp.sum(g**2) for g in jax.tree.leaves(problem.shared_grads))
@@ -246,6 +296,7 @@ def advance(solver: jaxopt.LBFGS, config: AttackConfig, state: AttackState, prob
 
     def iterate(s: AttackState) -> AttackState:
         dummy, solver_state = solver.update(s.dummy, s.solver_state, *problem.solver_args, weight)
+        solver_state = skip_nonpositive_curvature(solver, s.solver_state, solver_state)
         value = solver_state.value
         finite = jnp.isfinite(value) & jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(dummy)]))
         improved = finite & (value < s.best_value)
@@ -253,8 +304,10 @@ def advance(solver: jaxopt.LBFGS, config: AttackConfig, state: AttackState, prob
         iterations = s.iterations + 1
         stalled = ((iterations - s.attempt_start == probe_iteration) & (value > config.probe_reduction * s.attempt_value)
                    & (s.attempt < config.retries))
+        spent = (iterations >= config.max_iterations) | (s.earlier_evaluations + solver_state.num_fun_eval
+                                                          >= config.max_evaluations)
         status = jnp.select(
-            [~finite, (value <= target) & (weight == 0), stalled, iterations >= config.max_iterations],
+            [~finite, (value <= target) & (weight == 0), stalled, spent],
             [DIVERGED, CONVERGED, STALLED, MAX_STEPS],
             RUNNING,
         )
@@ -272,7 +325,8 @@ def retry(solver: jaxopt.LBFGS, config: AttackConfig, state: AttackState, proble
     computed for every lane at every iteration.
     """
     failed = (state.status == STALLED) | (state.status == DIVERGED)
-    again = failed & (state.attempt < config.retries) & (state.iterations < config.max_iterations)
+    again = (failed & (state.attempt < config.retries) & (state.iterations < config.max_iterations)
+             & (state.evaluations < config.max_evaluations))
     attempt = state.attempt + 1
     dummy = fresh_dummy(problem.key, attempt, problem.init)
     fresh = solver.init_state(dummy, *problem.solver_args, config.prior_weight(0))

@@ -17,7 +17,7 @@ the *last* lane is done and then `select`s every carried array (masking the fini
    scatters over it.
 3. The lanes that finish early (converged, or a cheap trajectory) idle until the whole batch is done.
 
-`FlatEngine` runs the same algorithm (jaxopt's LBFGS with its strong-Wolfe backtracking line search, and
+`FlatEngine` runs the same algorithm (jaxopt's LBFGS with its backtracking line search, and
 `attack.advance`/`retry`'s best-iterate, stall, divergence and retry rules) as a flat state machine in which
 *one trip of a lane is one objective evaluation* (`_lane_trip`): a lane is either trying a line-search step or
 (re)starting an attempt, and when its trial is accepted it completes the LBFGS iteration and computes its next
@@ -150,8 +150,8 @@ def lbfgs_inverse_hessian_product(g, s_history, y_history, sy, yy, gamma, count)
     (y_i . y_j) are kept by slot; the pair written last, at slot (count - 1) % history, enters them here, in
     the same pass over the history as S'g and Y'g (at count 0 that slot is stale and what enters is masked:
     writing it unconditionally lets XLA update the tables in place instead of copying every lane's). Slots >=
-    count are stale and a pair with s . y = 0 counts for nothing (jaxopt's rho = 0): both are masked out,
-    which leaves H as the two-loop over the valid pairs.
+    count are stale and a pair with s . y <= 0 counts for nothing (rho = 0: `attack.skip_nonpositive_curvature`):
+    both are masked out, which leaves H as the two-loop over the valid pairs.
 
     Args: g (n,), s_history and y_history (history, n), finite (stale slots too: they are multiplied by 0),
     sy and yy (history, history), gamma, count (the pairs written in this attempt). Returns (H g, sy, yy).
@@ -164,7 +164,7 @@ def lbfgs_inverse_hessian_product(g, s_history, y_history, sy, yy, gamma, count)
     yy = yy.at[:, newest].set(y_dots[:, 0]).at[newest, :].set(y_dots[:, 0])
     order = (count + jnp.arange(size)) % size  # slots oldest first
     sy_ordered = sy[order][:, order]
-    valid = (order < count) & (jnp.diagonal(sy_ordered) != 0)
+    valid = (order < count) & (jnp.diagonal(sy_ordered) > 0)
     both = valid[:, None] & valid[None, :]
     upper = jnp.arange(size)[:, None] <= jnp.arange(size)[None, :]
     r = jnp.where(both & upper, sy_ordered, 0.0) + jnp.diag(jnp.where(valid, 0.0, 1.0)).astype(sy.dtype)
@@ -346,14 +346,14 @@ class FlatEngine(_EngineBase):
         super().__init__(*args, **kwargs)
         config, solver = self.config, self.solver
         ls = solver.linesearch_solver
-        if config.optimizer != "lbfgs" or config.linesearch != "backtracking" or ls.condition != "strong-wolfe":
-            raise ValueError("FlatEngine runs jaxopt LBFGS with the strong-Wolfe backtracking line search only "
+        if config.optimizer != "lbfgs" or config.linesearch != "backtracking":
+            raise ValueError("FlatEngine runs jaxopt LBFGS with a backtracking line search only "
                              f"(optimizer {config.optimizer!r}, linesearch {config.linesearch!r}): use NaiveEngine")
         if config.tv_weight > 0:
             raise ValueError("FlatEngine does not run the staged TV prior (tv_weight > 0): use NaiveEngine")
         self.history = solver.history_size
         self.ls = dict(c1=ls.c1, c2=ls.c2, decrease=ls.decrease_factor, tol=ls.tol, maxls=ls.maxiter,
-                       max_stepsize=ls.max_stepsize)
+                       max_stepsize=ls.max_stepsize, strong=ls.condition == "strong-wolfe")  # else weak Wolfe
         # On CPU a device runs one operation at a time anyway, so each lane takes its trips alone (the unbatched
         # programs, histories in place: experiments/results/bench_sweep.md); accelerators take a trip of every
         # lane at once, vmapped.
@@ -474,17 +474,17 @@ class FlatEngine(_EngineBase):
     def _step(self, lane: Lanes, live, point, value, grad):
         """One lane after its evaluation at `point`: line-search test, LBFGS update, attack bookkeeping.
 
-        Mirrors jaxopt's BacktrackingLineSearch.update (strong Wolfe) and LBFGS.update, and
+        Mirrors jaxopt's BacktrackingLineSearch.update and LBFGS.update, and
         `attack.advance`'s iterate / `attack.init_state` / `attack.retry`, decision for decision.
         """
         c, cfg = self.ls, self.config
         fresh = lane.fresh
-        # line search (jaxopt BacktrackingLineSearch.update, strong-Wolfe)
+        # line search (jaxopt BacktrackingLineSearch.update, (strong) Wolfe; Armijo is weak Wolfe with c2 = inf)
         t = lane.trial
         new_slope = tree_vdot_real(grad, lane.direction)
         diff1 = value - (lane.value + c["c1"] * t * lane.slope)
         error1 = jnp.maximum(jnp.where(jnp.isnan(diff1), jnp.inf, diff1), 0.0)
-        diff2 = jnp.abs(new_slope) - c["c2"] * jnp.abs(lane.slope)
+        diff2 = jnp.abs(new_slope) - c["c2"] * jnp.abs(lane.slope) if c["strong"] else c["c2"] * lane.slope - new_slope
         error2 = jnp.maximum(jnp.where(jnp.isnan(diff2), jnp.inf, diff2), 0.0)
         done = jnp.maximum(error1, error2) <= c["tol"]
         failed = (lane.ls_iter + 1 == c["maxls"]) & ~done
@@ -494,23 +494,26 @@ class FlatEngine(_EngineBase):
         # LBFGS update (jaxopt LBFGS.update after its line search)
         s = ravel_pytree(tree_sub(point, lane.x))[0]
         y = ravel_pytree(tree_sub(grad, lane.grad))[0]
-        gamma = compute_gamma(s[None], y[None], 0)
+        gamma = jnp.where(s @ y > 0, compute_gamma(s[None], y[None], 0), lane.gamma)  # attack.skip_nonpositive_curvature
         # attack.advance's iterate
         finite = jnp.isfinite(value) & jnp.all(jnp.array([jnp.isfinite(a).all() for a in jax.tree.leaves(point)]))
         improved = finished & finite & (value < lane.best_value)
         iterations = lane.iterations + finished
         stalled = ((iterations - lane.attempt_start == cfg.probe_steps * cfg.iterations_per_step)
                    & (value > cfg.probe_reduction * lane.attempt_value) & (lane.attempt < cfg.retries))
-        iterate_status = jnp.select([~finite, value <= lane.target, stalled, iterations >= cfg.max_iterations],
+        num_fun_eval = jnp.where(started, 1, lane.num_fun_eval + (live & ~fresh))
+        evaluations = lane.earlier_evaluations + num_fun_eval
+        spent = (iterations >= cfg.max_iterations) | (evaluations >= cfg.max_evaluations)
+        iterate_status = jnp.select([~finite, value <= lane.target, stalled, spent],
                                     [A.DIVERGED, A.CONVERGED, A.STALLED, A.MAX_STEPS], A.RUNNING)
         # attack.init_state (first attempt) / the fresh solver state of attack.retry (later ones)
         first = lane.attempt == 0
         start_status = jnp.where(jnp.isfinite(value), A.RUNNING, A.DIVERGED)
         status = jnp.where(finished, iterate_status, jnp.where(started, start_status, lane.status))
-        num_fun_eval = jnp.where(started, 1, lane.num_fun_eval + (live & ~fresh))
         # attack.retry: a stalled or diverged attempt starts afresh while retries and budget remain
         failed_attempt = live & ((status == A.STALLED) | (status == A.DIVERGED))
-        again = failed_attempt & (lane.attempt < cfg.retries) & (iterations < cfg.max_iterations)
+        again = (failed_attempt & (lane.attempt < cfg.retries) & (iterations < cfg.max_iterations)
+                 & (evaluations < cfg.max_evaluations))
         status = jnp.where(again, A.RUNNING, jnp.where(failed_attempt & (status == A.STALLED), A.MAX_STEPS, status))
         evaluated = finished | started
         lane = lane._replace(

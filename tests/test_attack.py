@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,6 +195,29 @@ def test_prior_weight_falls_tenfold_per_stage_and_ends_at_zero():
     assert float(plain.prior_weight(jnp.asarray(5))) == 0.0
     with pytest.raises(ValueError, match="lbfgs optimizer"):
         A.AttackConfig(optimizer="torch-lbfgs", pixel_range="sigmoid")
+
+
+@pytest.mark.parametrize("condition, short_accepted", [("armijo", True), ("wolfe", False), ("strong-wolfe", False)])
+def test_line_search_condition_and_shrink_factor(condition, short_accepted):
+    """The solver's backtracking search, on f(x) = x^2 / 2 from x = 1 along -1: a step of 0.05 decreases f
+    enough (Armijo) but leaves the slope at -0.95 (too short for Wolfe's curvature test, which backtracking
+    cannot fix: it only shortens); a step of 2.5 overshoots (f = 1.125) and is halved once to 1.25."""
+    config = A.AttackConfig(linesearch_condition=condition, linesearch_decrease=0.5)
+    search = A.make_solver(lambda p, x: x, config).linesearch_solver
+    search = dataclasses.replace(search, fun=lambda x: 0.5 * jnp.sum(x**2), value_and_grad=False, has_aux=False, maxiter=5,
+                                 max_stepsize=10.0)
+    x, g = jnp.ones(1), jnp.ones(1)
+
+    def run(step):
+        stepsize, state = search.run(step, x, value=0.5, grad=g, descent_direction=-g)
+        return round(float(stepsize), 6), int(state.iter_num), bool(state.failed)
+
+    assert (run(0.05) == (0.05, 1, False)) == short_accepted
+    assert run(2.5) == (1.25, 2, False)
+    with pytest.raises(ValueError, match="linesearch_condition"):
+        A.AttackConfig(linesearch_condition="goldstein")
+    with pytest.raises(ValueError, match="linesearch_decrease"):
+        A.AttackConfig(linesearch_decrease=1.0)
 
 
 def test_prior_attack_walks_through_its_stages_and_stays_in_pixel_range():

@@ -72,22 +72,41 @@ def assert_same(batched, alone):
         np.testing.assert_allclose(b["reconstruction"], s["images"], atol=1e-4)
 
 
-@pytest.mark.parametrize("label_strategy", ["joint", "idlg"])
-def test_batched_sweep_equals_attacks_run_one_by_one(cifar100, alone, label_strategy):
-    """3 lanes for 5 attacks (so lanes are refilled), some with retries: each equals attack.Attack alone."""
-    config = dataclasses.replace(TINY, label_strategy=label_strategy)
+@pytest.mark.parametrize("label_strategy, condition", [("joint", "armijo"), ("idlg", "armijo"), ("joint", "wolfe"),
+                                                       ("joint", "strong-wolfe")])
+def test_batched_sweep_equals_attacks_run_one_by_one(cifar100, alone, label_strategy, condition):
+    """3 lanes for 5 attacks (so lanes are refilled), some with retries: each equals attack.Attack alone, with
+    each line-search condition. (Strong) Wolfe shrinks by jaxopt's 0.8: halving makes one search here fail
+    after 30 trials, and the ~1e-9 step it takes leaves a pair whose s . y is mostly rounding, which 1 / (s . y)
+    then amplifies beyond the tolerance below."""
+    decrease = TINY.linesearch_decrease if condition == "armijo" else 0.8
+    config = dataclasses.replace(TINY, label_strategy=label_strategy, linesearch_condition=condition,
+                                 linesearch_decrease=decrease)
     images, labels = cifar100["images"][:4], cifar100["labels"][:4]
     outcomes = S.Sweep(100, (32, 32, 3), config).run(images, labels, TASKS, batch=3)
     assert [o["task"] for o in outcomes] == TASKS
-    expected = alone if label_strategy == "joint" else sequential(config, images, labels, TASKS)
+    expected = alone if config == TINY else sequential(config, images, labels, TASKS)
     assert any(o["attempts"] > 1 for o in expected)  # the retry path is exercised
     assert_same(outcomes, expected)
+
+
+def test_budget_of_evaluations_ends_attacks_alike(cifar100):
+    """An attack stops (max_steps) once its evaluations reach steps x evaluations_per_step, at the end of the
+    iteration that reached it, however many iterations remain: batched as alone."""
+    config = dataclasses.replace(TINY, evaluations_per_step=3, retries=0)  # 12 evaluations for 20 iterations
+    images, labels = cifar100["images"][:4], cifar100["labels"][:4]
+    expected = sequential(config, images, labels, TASKS[:3])
+    for o in expected:
+        assert o["status"] == "max_steps" and o["iterations"] < config.max_iterations
+        assert config.max_evaluations <= o["evaluations"] < config.max_evaluations + config.max_linesearch_steps
+    assert_same(S.Sweep(100, (32, 32, 3), config).run(images, labels, TASKS[:3], batch=2), expected)
 
 
 @pytest.mark.parametrize("count", [0, 1, 3, 5, 12])
 def test_compact_product_equals_jaxopt_two_loop(count):
     """The engine's compact L-BFGS product, its s.y / y.y tables kept pair by pair, is jaxopt's two-loop
-    recursion over the valid pairs: before the ring is full (stale slots hold other numbers) and after it wraps."""
+    recursion over the valid pairs (a pair with s . y < 0 skipped: rho = 0): before the ring is full (stale
+    slots hold other numbers) and after it wraps."""
     from jaxopt._src.lbfgs import inv_hessian_product
 
     from dlg_jax.batched import lbfgs_inverse_hessian_product
@@ -99,7 +118,8 @@ def test_compact_product_equals_jaxopt_two_loop(count):
         g, gamma = jnp.asarray(rng.normal(size=n)), 0.7
         for k in range(1, count + 1):  # pair k-1 goes to slot (k-1) % size, then the product sees count k
             s = rng.normal(size=n)
-            s_history[(k - 1) % size], y_history[(k - 1) % size] = s, 2.0 * s + 0.3 * rng.normal(size=n)
+            curving = -1.0 if k == 2 else 2.0  # pair 2 has s . y < 0: it must count for nothing
+            s_history[(k - 1) % size], y_history[(k - 1) % size] = s, curving * s + 0.3 * rng.normal(size=n)
             product, sy, yy = lbfgs_inverse_hessian_product(g, jnp.asarray(s_history), jnp.asarray(y_history), sy, yy,
                                                             gamma, jnp.asarray(k))
         if count == 0:
@@ -108,7 +128,8 @@ def test_compact_product_equals_jaxopt_two_loop(count):
         valid = np.arange(size) < count
         s_valid, y_valid = np.where(valid[:, None], s_history, 0.0), np.where(valid[:, None], y_history, 0.0)
         curvature = np.sum(s_valid * y_valid, 1)
-        rho = np.where(valid, 1.0 / np.where(valid, curvature, 1.0), 0.0)
+        rho = np.where(valid & (curvature > 0), 1.0 / np.where(valid, curvature, 1.0), 0.0)
+        assert count < 2 or (rho == 0).sum() > size - count  # a pair was skipped
         expected = inv_hessian_product(g, jnp.asarray(s_valid), jnp.asarray(y_valid), jnp.asarray(rho), gamma,
                                        start=count % size)
         np.testing.assert_allclose(product, expected, rtol=1e-10, atol=1e-12)
