@@ -417,7 +417,7 @@ def _differences(old, new, prefix=""):
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # workers of one sweep may write the same file at once
     tmp.write_text(text)
     os.replace(tmp, path)
 
