@@ -127,7 +127,7 @@ class AttackConfig:
 
     steps: int = 300  # reported steps, as the reference's 300 `optimizer.step` calls
     iterations_per_step: int = 20  # LBFGS iterations per step (torch's max_iter)
-    evaluations_per_step: int = 25  # ...and evaluations of D per step (torch's max_eval = max_iter * 5 / 4)
+    evaluations_per_step: int | None = None  # ...and evaluations of D per step; None: torch's max_eval, max_iter * 5 // 4
     label_strategy: str = "joint"
     optimizer: str = "lbfgs"  # jaxopt LBFGS; "torch-lbfgs": torch.optim.LBFGS's semantics (torch_lbfgs.py)
     precision: str = "float32"
@@ -152,7 +152,7 @@ class AttackConfig:
                                      ("precision", self.precision, ("float32", "float64"))):
             if value not in allowed:
                 raise ValueError(f"{name} {value!r}: choose from {', '.join(allowed)}")
-        if min(self.steps, self.iterations_per_step, self.evaluations_per_step, self.history_size) <= 0:
+        if min(self.steps, self.iterations_per_step, self.max_step_evaluations, self.history_size) <= 0:
             raise ValueError("steps, iterations_per_step, evaluations_per_step and history_size must be positive")
         if not 0 < self.linesearch_decrease < 1:
             raise ValueError("linesearch_decrease must be between 0 and 1")
@@ -184,7 +184,12 @@ class AttackConfig:
     def max_evaluations(self) -> int:
         """The budget of evaluations of D over all attempts: an iteration whose line searches cannot find a
         decrease (D at float rounding level, say) costs up to `max_linesearch_steps` of them."""
-        return self.steps * self.evaluations_per_step
+        return self.steps * self.max_step_evaluations
+
+    @property
+    def max_step_evaluations(self) -> int:
+        """`evaluations_per_step`, or torch's max_eval for max_iter = `iterations_per_step` when it is None."""
+        return self.iterations_per_step * 5 // 4 if self.evaluations_per_step is None else self.evaluations_per_step
 
     @property
     def dtype(self):
@@ -282,8 +287,8 @@ def advance(solver: jaxopt.LBFGS, config: AttackConfig, state: AttackState, prob
     """LBFGS iterations until `until` iterations are done in all, or the attempt stops.
 
     An attempt stops when D converges (relative to the shared gradient's size), when it turns non-finite
-    (diverged), when the budget of iterations or evaluations is spent, or, while retries remain, when it has not cut D by `probe_reduction` within
-    `probe_steps` steps (stalled: `retry` then starts it afresh).
+    (diverged), when the budget of iterations or evaluations is spent, or, while retries remain, when it has
+    not cut D by `probe_reduction` within `probe_steps` steps (stalled: `retry` then starts it afresh).
     """
     target = config.tolerance * sum(jnp.sum(g**2) for g in jax.tree.leaves(problem.shared_grads))
     probe_iteration = config.probe_steps * config.iterations_per_step

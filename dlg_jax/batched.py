@@ -10,8 +10,9 @@ slower than running it alone. `vmap` of a `while_loop` whose condition differs p
 the *last* lane is done and then `select`s every carried array (masking the finished lanes), so:
 
 1. jaxopt's LBFGS iteration contains the backtracking line search, itself a `while_loop`: under `vmap`
-   every LBFGS iteration costs the *longest* line search of the batch. From N(0, 1) starts line searches of
-   25-30 trials are common while the mean is ~5, so a batch of 32 did 2.5x the evaluations it needed.
+   every LBFGS iteration costs the *longest* line search of the batch. From N(0, 1) starts jaxopt's
+   strong-Wolfe searches of 25-30 trials are common while the mean is ~5, so a batch of 32 did 2.5x the
+   evaluations it needed.
 2. Each iteration of the vmapped outer loop selects the whole carry, 100-pair LBFGS histories included
    (5 MB per float64 lane), and the ring-buffer reads/writes at a per-lane position become gathers and
    scatters over it.

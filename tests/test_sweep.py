@@ -30,8 +30,8 @@ from dlg_jax.models import LeNet, init_params
 from tests.conftest import CIFAR100
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = A.AttackConfig(steps=4, iterations_per_step=5, precision="float64", history_size=10, probe_steps=2,
-                      probe_reduction=0.5)  # stalls are likely: the retry path runs too
+TINY = A.AttackConfig(steps=4, iterations_per_step=5, evaluations_per_step=25, precision="float64", history_size=10,
+                      probe_steps=2, probe_reduction=0.5)  # stalls are likely: the retry path runs too
 TINY_FLAGS = ["--steps", "2", "--iterations-per-step", "4"]
 
 
@@ -93,6 +93,8 @@ def test_batched_sweep_equals_attacks_run_one_by_one(cifar100, alone, label_stra
 def test_budget_of_evaluations_ends_attacks_alike(cifar100):
     """An attack stops (max_steps) once its evaluations reach steps x evaluations_per_step, at the end of the
     iteration that reached it, however many iterations remain: batched as alone."""
+    assert A.AttackConfig().max_evaluations == 300 * 25  # torch's max_eval, max_iter * 5 // 4, per step
+    assert A.AttackConfig(iterations_per_step=100).max_evaluations == 300 * 125
     config = dataclasses.replace(TINY, evaluations_per_step=3, retries=0)  # 12 evaluations for 20 iterations
     images, labels = cifar100["images"][:4], cifar100["labels"][:4]
     expected = sequential(config, images, labels, TASKS[:3])
