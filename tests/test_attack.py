@@ -220,6 +220,26 @@ def test_line_search_condition_and_shrink_factor(condition, short_accepted):
         A.AttackConfig(linesearch_decrease=1.0)
 
 
+@pytest.mark.parametrize("curvature", [1.0, -1.0])
+def test_pairs_without_positive_curvature_are_skipped(curvature):
+    """One LBFGS iteration on f(x) = curvature * x^2 / 2: with s . y < 0 (concave f) the new pair gets rho = 0
+    and gamma keeps its value; with s . y > 0 the iteration's state is left as jaxopt made it."""
+    import jaxopt
+
+    solver = jaxopt.LBFGS(fun=lambda x: 0.5 * curvature * jnp.sum(x**2), history_size=3, linesearch="backtracking")
+    x = jnp.array([1.0, -2.0])
+    before = solver.init_state(x)
+    _, after = solver.update(x, before)
+    kept = A.skip_nonpositive_curvature(solver, before, after)
+    assert (float(after.rho_history[0]) > 0) == (curvature > 0)
+    if curvature > 0:
+        np.testing.assert_array_equal(kept.rho_history, after.rho_history)
+        assert float(kept.gamma) == float(after.gamma)
+    else:
+        np.testing.assert_array_equal(kept.rho_history, np.zeros(3))
+        assert float(kept.gamma) == float(before.gamma) != float(after.gamma)
+
+
 def test_prior_attack_walks_through_its_stages_and_stays_in_pixel_range():
     """Sigmoid pixels and a staged TV weight on a tiny batch of 2: every stage runs, the objective at
     the end is D alone (last weight 0), the images lie in (0, 1) and the dummy fits the gradient."""
