@@ -535,7 +535,7 @@ class FlatEngine(_EngineBase):
             attempt_start=jnp.where(again, iterations, lane.attempt_start),
             attempt_value=jnp.where(started, value, lane.attempt_value),
             num_fun_eval=jnp.where(again, 0, num_fun_eval),
-            earlier_evaluations=jnp.where(again, lane.earlier_evaluations + num_fun_eval, lane.earlier_evaluations),
+            earlier_evaluations=jnp.where(again, evaluations, lane.earlier_evaluations),
         )
         need = evaluated & ~again & (status == A.RUNNING)  # needs the direction of its next iteration
         return lane, s, y, finished, again, need
