@@ -87,7 +87,7 @@ class LeNet(nn.Module):
         return dense(features)
 
 
-def init_params(model: LeNet, seed: int, image_shape: Sequence[int], dtype=jnp.float32):
+def init_params(model: "LeNet", seed: int, image_shape: Sequence[int], dtype=jnp.float32):
     """Parameters of `model` for images of shape (H, W, C), every entry ~ U(-0.5, 0.5) from `seed`."""
     dummy = jnp.zeros((1, *image_shape), dtype)
     return model.init(jax.random.key(seed), dummy)["params"]

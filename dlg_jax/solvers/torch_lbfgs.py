@@ -18,8 +18,10 @@ max_iter 20, max_eval 25, history_size 100, line_search_fn None, tolerance_grad 
 
 With the defaults a step makes 20 evaluations (1 + 19) and 20 moves, the last of them unevaluated.
 
-The interface is jaxopt's: `init_state(x, *args)`, then `update(x, state, *args) -> (x, state)` where one
-update is one torch `optimizer.step`; x is any pytree (flattened with `ravel_pytree`, so the flat order, and
+The engine runs it as every solver, one evaluation per `tell`: torch's step loop unrolled into the flat state
+machine (a step ends after max_iter moves or at a stop; the next evaluation starts the next step). `init_state(x,
+*args)`, then `update(x, state, *args) -> (x, state)`, one update = one torch `optimizer.step`, drive the same
+`tell`; x is any pytree (flattened with `ravel_pytree`, so the flat order, and
 with it the rounding of dot products, differs from torch's NCHW tensors, nothing else). No Python control
 flow depends on traced values: `update` runs under `jit` and `vmap` (each lane stops on its own in the
 inner `lax.while_loop`). `run_torch_lbfgs` / `make_torch_lbfgs_runner` drive the reference's 300 steps.
@@ -34,28 +36,27 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from dlg_jax.parts.attempts import Step
+
 CURVATURE_EPS = 1e-10  # torch stores a pair only if y.s > 1e-10 (hard-coded in LBFGS.step)
 
 
 class TorchLBFGSState(NamedTuple):
-    """Optimiser state between two steps; arrays only, so it can be carried by `jit`, `vmap` and loops.
+    """Between two evaluations; arrays only, so it can be carried by `jit`, `vmap` and loops.
 
-    `value` and `error` are f and max|g| at the *last evaluated* point. That is the returned x when
-    `value_at_x` is true (the step stopped early, right after an evaluation); after a full step (max_iter
-    iterations, the usual case) the last move is unevaluated and `value` belongs to the point before it,
-    exactly like torch's internal `loss`. `start_value` is f at the x the step started from: the value torch's
-    `optimizer.step` returns. `init_state` evaluates f(x0) for `value`/`start_value`/`error` without
-    counting it (torch evaluates nothing before its first step).
+    `x` is where the next evaluation is (after a move, or the step's start point again after a stop without one).
     """
 
-    iter_num: jax.Array  # outer steps done (updates)
-    value: jax.Array  # f at the last evaluated point (see above)
-    start_value: jax.Array  # f at the start of the last step (= torch's step return value)
+    x: jax.Array  # flat
+    loss: jax.Array  # f at the last evaluated point (torch's `loss`)
+    start_value: jax.Array  # f at the start of the last step (= torch's `optimizer.step` return value)
     error: jax.Array  # max|g| at the last evaluated point
-    value_at_x: jax.Array  # bool: whether value/error were evaluated at the returned x
-    num_fun_eval: jax.Array  # cumulative evaluations, the step-start ones included (torch's func_evals)
+    evals: jax.Array  # evaluations in the current step (torch's current_evals); 0: the next one starts a step
+    k: jax.Array  # iterations in the current step (torch's local n_iter)
+    iter_num: jax.Array  # steps done
+    num_fun_eval: jax.Array  # cumulative evaluations (torch's func_evals)
     n_iter: jax.Array  # cumulative inner iterations (torch's state['n_iter'])
-    d: jax.Array  # last direction (flat)
+    d: jax.Array  # last direction
     t: jax.Array  # last step length
     H_diag: jax.Array  # scale of the initial inverse Hessian
     prev_grad: jax.Array  # gradient at the start of the last inner iteration (torch's prev_flat_grad)
@@ -65,31 +66,7 @@ class TorchLBFGSState(NamedTuple):
     rho_history: jax.Array  # (history_size,) 1 / y.s (torch's ro)
     history_start: jax.Array  # ring index of the oldest stored pair
     history_count: jax.Array  # number of stored pairs (<= history_size)
-
-
-class _Inner(NamedTuple):
-    """Carry of the inner loop of one step (torch's local variables of `LBFGS.step`)."""
-
-    x: jax.Array
-    loss: jax.Array
-    g: jax.Array
-    error: jax.Array
-    start_value: jax.Array
-    moved: jax.Array  # x changed since the last evaluation
-    evals: jax.Array  # torch's current_evals
-    k: jax.Array  # torch's local n_iter
-    done: jax.Array
-    n_iter: jax.Array
-    d: jax.Array
-    t: jax.Array
-    H_diag: jax.Array
-    prev_grad: jax.Array
-    prev_loss: jax.Array
-    s_history: jax.Array
-    y_history: jax.Array
-    rho_history: jax.Array
-    history_start: jax.Array
-    history_count: jax.Array
+    fresh: jax.Array  # bool: the next evaluation is the first since `init`
 
 
 def two_loop(g: jax.Array, s_history: jax.Array, y_history: jax.Array, rho_history: jax.Array, start: jax.Array,
@@ -119,118 +96,107 @@ def two_loop(g: jax.Array, s_history: jax.Array, y_history: jax.Array, rho_histo
 
 @dataclasses.dataclass(eq=False)
 class TorchLBFGS:
-    """torch.optim.LBFGS (line_search_fn=None) with one `update` = one `optimizer.step(closure)`.
+    """torch.optim.LBFGS (line_search_fn=None), one evaluation per `tell` (the engine's protocol).
 
-    `fun(x, *args)` is the scalar objective of a pytree x; its gradient comes from `jax.value_and_grad`.
     lr, max_iter, max_eval (None -> max_iter * 5 // 4, as torch), history_size, tolerance_grad and
-    tolerance_change are torch's options. `maxiter` (outer steps) and `tol` are for jaxopt-style drivers:
-    `attack.advance` stops when `iter_num`-many updates reach `maxiter` or when `state.error <= tol` (default
-    tolerance_grad, where torch's steps turn into single evaluations). Torch itself never stops the outer loop;
-    `run_torch_lbfgs` does all its steps, as the reference does.
+    tolerance_change are torch's options. `init_state` / `update(x, state, *args)` (one `update` = one torch
+    `optimizer.step(closure)`, x any pytree) drive the same `tell` for `fun(x, *args)`.
     """
 
-    fun: Callable[..., jax.Array]
+    fun: Callable[..., jax.Array] | None = None
     lr: float = 1.0
     max_iter: int = 20
     max_eval: int | None = None
     history_size: int = 100
     tolerance_grad: float = 1e-7
     tolerance_change: float = 1e-9
-    maxiter: int = 300
-    tol: float | None = None
 
     def __post_init__(self):
         if self.max_eval is None:
             self.max_eval = self.max_iter * 5 // 4
-        if self.tol is None:
-            self.tol = self.tolerance_grad
 
-    def _value_and_grad(self, unravel, flat, args):
-        value, grad = jax.value_and_grad(lambda v: self.fun(unravel(v), *args))(flat)
-        return value, grad
-
-    def init_state(self, x: Any, *args) -> TorchLBFGSState:
-        flat, unravel = ravel_pytree(x)
-        dtype, n, m = flat.dtype, flat.shape[0], self.history_size
-        value, grad = self._value_and_grad(unravel, flat, args)
-        zero_i = jnp.zeros((), jnp.int32)
+    # -- the engine's protocol: one evaluation per call
+    def init(self, x: jax.Array, reuse: TorchLBFGSState | None = None) -> TorchLBFGSState:
+        """A fresh optimiser at x (flat), as `torch.optim.LBFGS(...)` made anew; `reuse`: a state whose history
+        buffers to keep (they are cleared logically: no pair is stored)."""
+        dtype, n, m = x.dtype, x.shape[0], self.history_size
+        zero_i, zero = jnp.zeros((), jnp.int32), jnp.zeros((), dtype)
         return TorchLBFGSState(
-            iter_num=zero_i, value=value, start_value=value, error=jnp.max(jnp.abs(grad)),
-            value_at_x=jnp.ones((), bool), num_fun_eval=zero_i, n_iter=zero_i,
-            d=jnp.zeros(n, dtype), t=jnp.zeros((), dtype), H_diag=jnp.ones((), dtype),
-            prev_grad=jnp.zeros(n, dtype), prev_loss=jnp.zeros((), dtype),
-            s_history=jnp.zeros((m, n), dtype), y_history=jnp.zeros((m, n), dtype), rho_history=jnp.zeros(m, dtype),
-            history_start=zero_i, history_count=zero_i,
-        )
+            x=x, loss=zero, start_value=zero, error=zero, evals=zero_i, k=zero_i, iter_num=zero_i,
+            num_fun_eval=zero_i, n_iter=zero_i, d=jnp.zeros(n, dtype), t=zero, H_diag=jnp.ones((), dtype),
+            prev_grad=jnp.zeros(n, dtype), prev_loss=zero,
+            s_history=jnp.zeros((m, n), dtype) if reuse is None else reuse.s_history,
+            y_history=jnp.zeros((m, n), dtype) if reuse is None else reuse.y_history,
+            rho_history=jnp.zeros(m, dtype), history_start=zero_i, history_count=zero_i, fresh=jnp.ones((), bool))
+
+    def ask(self, state: TorchLBFGSState) -> jax.Array:
+        return state.x
+
+    def tell(self, state: TorchLBFGSState, point, value, grad) -> tuple[TorchLBFGSState, Step]:
+        """torch's tests after an evaluation at `point` (= state.x), then, unless they stop the step, one inner
+        iteration: update the memory, new direction and step length, move."""
+        c, dtype, size = state, point.dtype, self.history_size
+        lr, tolerance_change = jnp.asarray(self.lr, dtype), jnp.asarray(self.tolerance_change, dtype)
+        loss, g = value, grad
+        error = jnp.max(jnp.abs(g))
+        step_start = c.evals == 0
+        evals = c.evals + 1
+        no_progress = ((evals >= self.max_eval) | (jnp.max(jnp.abs(c.d * c.t)) <= tolerance_change)
+                       | (jnp.abs(loss - c.prev_loss) < tolerance_change))
+        stop = (error <= self.tolerance_grad) | (~step_start & no_progress)
+
+        k, n_iter = c.k + 1, c.n_iter + 1
+        first = n_iter == 1  # the very first iteration of the run: steepest descent, fresh memory
+        y, s = g - c.prev_grad, c.d * c.t
+        ys = jnp.dot(y, s)
+        store = ~stop & ~first & (ys > CURVATURE_EPS)
+        full = c.history_count == size
+        slot = jnp.where(store, jnp.where(full, c.history_start, (c.history_start + c.history_count) % size), size)
+        s_history = c.s_history.at[slot].set(s, mode="drop")
+        y_history = c.y_history.at[slot].set(y, mode="drop")
+        rho_history = c.rho_history.at[slot].set(1.0 / ys, mode="drop")
+        start = jnp.where(store & full, (c.history_start + 1) % size, c.history_start)
+        count = jnp.where(store & ~full, c.history_count + 1, c.history_count)
+        H_diag = jnp.where(store, ys / jnp.dot(y, y), c.H_diag)
+        start, count = jnp.where(first, 0, start), jnp.where(first, 0, count)
+        H_diag = jnp.where(first, jnp.ones((), dtype), H_diag)
+        d = jax.lax.cond(stop, lambda: c.d, lambda: two_loop(g, s_history, y_history, rho_history, start, count,
+                                                                  H_diag))
+        inverse_l1 = 1.0 / jnp.sum(jnp.abs(g))
+        t = jnp.where(first, jnp.where(inverse_l1 < 1.0, inverse_l1, 1.0) * lr, lr)  # python min(1, 1/|g|_1)
+        descending = ~(jnp.dot(g, d) > -tolerance_change)
+        iterate = ~stop
+        step_ends = stop | ~descending | (k == self.max_iter)
+        pick = lambda new, old: jnp.where(iterate, new, old)  # noqa: E731
+        state = TorchLBFGSState(
+            x=jnp.where(iterate & descending, point + t * d, point), loss=loss,
+            start_value=jnp.where(step_start, loss, c.start_value), error=error,
+            evals=jnp.where(step_ends, 0, evals), k=jnp.where(step_ends, 0, pick(k, c.k)),
+            iter_num=c.iter_num + step_ends, num_fun_eval=c.num_fun_eval + 1, n_iter=pick(n_iter, c.n_iter),
+            d=pick(d, c.d), t=pick(t, c.t), H_diag=pick(H_diag, c.H_diag), prev_grad=pick(g, c.prev_grad),
+            prev_loss=pick(loss, c.prev_loss),
+            s_history=s_history, y_history=y_history, rho_history=pick(rho_history, c.rho_history),
+            history_start=pick(start, c.history_start), history_count=pick(count, c.history_count),
+            fresh=jnp.zeros((), bool))
+        return state, Step(started=c.fresh, iterated=iterate)
+
+    # -- jaxopt style: one update = one torch optimizer.step(closure)
+    def init_state(self, x: Any, *args) -> TorchLBFGSState:
+        return self.init(ravel_pytree(x)[0])
 
     def update(self, x: Any, state: TorchLBFGSState, *args) -> tuple[Any, TorchLBFGSState]:
-        """One torch `optimizer.step(closure)` from x: returns the new x and state."""
+        """One torch `optimizer.step(closure)` from x: evaluations and inner iterations until the step ends."""
         flat, unravel = ravel_pytree(x)
-        dtype = flat.dtype
-        lr = jnp.asarray(self.lr, dtype)
-        tolerance_change = jnp.asarray(self.tolerance_change, dtype)
-        size = self.history_size
+        value_and_grad = jax.value_and_grad(lambda v: self.fun(unravel(v), *args))
 
-        def evaluate(c: _Inner) -> _Inner:
-            """Evaluate at c.x, then the stopping tests torch makes after an evaluation."""
-            loss, g = self._value_and_grad(unravel, c.x, args)
-            error = jnp.max(jnp.abs(g))
-            step_start = c.evals == 0
-            optimal = error <= self.tolerance_grad
-            evals = c.evals + 1
-            no_progress = ((evals >= self.max_eval) | (jnp.max(jnp.abs(c.d * c.t)) <= tolerance_change)
-                           | (jnp.abs(loss - c.prev_loss) < tolerance_change))
-            done = optimal | (~step_start & no_progress)
-            start_value = jnp.where(step_start, loss, c.start_value)
-            return c._replace(loss=loss, g=g, error=error, start_value=start_value, moved=jnp.zeros((), bool),
-                              evals=evals, done=done)
+        def body(carry):
+            state, _ = carry
+            point = self.ask(state)
+            state, _ = self.tell(state, point, *value_and_grad(point))
+            return state, state.evals == 0
 
-        def iterate(c: _Inner) -> _Inner:
-            """One inner iteration: update the memory, new direction and step length, move (or stop)."""
-            k, n_iter = c.k + 1, c.n_iter + 1
-            first = n_iter == 1  # the very first iteration of the run: steepest descent, fresh memory
-            y = c.g - c.prev_grad
-            s = c.d * c.t
-            ys = jnp.dot(y, s)
-            store = ~first & (ys > CURVATURE_EPS)
-            full = c.history_count == size
-            slot = jnp.where(full, c.history_start, (c.history_start + c.history_count) % size)
-            s_history = c.s_history.at[slot].set(jnp.where(store, s, c.s_history[slot]))
-            y_history = c.y_history.at[slot].set(jnp.where(store, y, c.y_history[slot]))
-            rho_history = c.rho_history.at[slot].set(jnp.where(store, 1.0 / ys, c.rho_history[slot]))
-            start = jnp.where(store & full, (c.history_start + 1) % size, c.history_start)
-            count = jnp.where(store & ~full, c.history_count + 1, c.history_count)
-            H_diag = jnp.where(store, ys / jnp.dot(y, y), c.H_diag)
-            start, count = jnp.where(first, 0, start), jnp.where(first, 0, count)
-            H_diag = jnp.where(first, jnp.ones((), dtype), H_diag)
-            d = two_loop(c.g, s_history, y_history, rho_history, start, count, H_diag)
-            inverse_l1 = 1.0 / jnp.sum(jnp.abs(c.g))
-            t = jnp.where(first, jnp.where(inverse_l1 < 1.0, inverse_l1, 1.0) * lr, lr)  # python min(1, 1/|g|_1)
-            descending = ~(jnp.dot(c.g, d) > -tolerance_change)
-            x = jnp.where(descending, c.x + t * d, c.x)
-            return c._replace(
-                x=x, moved=descending, k=k, done=~descending | (k == self.max_iter), n_iter=n_iter, d=d, t=t,
-                H_diag=H_diag, prev_grad=c.g, prev_loss=c.loss, s_history=s_history, y_history=y_history,
-                rho_history=rho_history, history_start=start, history_count=count)
-
-        def body(c: _Inner) -> _Inner:
-            c = evaluate(c)
-            return jax.lax.cond(c.done, lambda c: c, iterate, c)
-
-        zero_i = jnp.zeros((), jnp.int32)
-        carry = _Inner(
-            x=flat, loss=state.value, g=jnp.zeros_like(flat), error=state.error, start_value=state.start_value,
-            moved=jnp.zeros((), bool), evals=zero_i, k=zero_i, done=jnp.zeros((), bool), n_iter=state.n_iter,
-            d=state.d, t=state.t, H_diag=state.H_diag, prev_grad=state.prev_grad, prev_loss=state.prev_loss,
-            s_history=state.s_history, y_history=state.y_history, rho_history=state.rho_history,
-            history_start=state.history_start, history_count=state.history_count)
-        c = jax.lax.while_loop(lambda c: ~c.done, body, carry)
-        new_state = TorchLBFGSState(
-            iter_num=state.iter_num + 1, value=c.loss, start_value=c.start_value, error=c.error, value_at_x=~c.moved,
-            num_fun_eval=state.num_fun_eval + c.evals, n_iter=c.n_iter, d=c.d, t=c.t, H_diag=c.H_diag,
-            prev_grad=c.prev_grad, prev_loss=c.prev_loss, s_history=c.s_history, y_history=c.y_history,
-            rho_history=c.rho_history, history_start=c.history_start, history_count=c.history_count)
-        return unravel(c.x), new_state
+        state, _ = jax.lax.while_loop(lambda c: ~c[1], body, (state._replace(x=flat), jnp.zeros((), bool)))
+        return unravel(state.x), state
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,11 +224,11 @@ def make_torch_lbfgs_runner(fun: Callable[..., jax.Array], steps: int = 300, kee
     and call it for every problem of the same shape: the compiled program is reused.
     `runner.lower(x0, *args).compile()` compiles ahead of time. The runner can be vmapped.
     """
-    solver = TorchLBFGS(fun, maxiter=steps, **options)
+    solver = TorchLBFGS(fun, **options)
 
     def run(x0, *args) -> TorchLBFGSResult:
         state = solver.init_state(x0, *args)
-        dtype = state.value.dtype
+        dtype = state.loss.dtype
         keep = lambda x: jax.tree.map(lambda a: jnp.zeros((steps, *a.shape), a.dtype), x) if keep_iterates else None  # noqa: E731
 
         def step(i, carry):

@@ -1,0 +1,136 @@
+"""Shared pieces of the command-line tools: the attack flags and presets, one-line errors with exit code 2, and
+the compilation cache."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from dlg_jax.errors import UsageError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr and exit code 2 (no usage dump), and no abbreviations
+    (`--model res` must not silently mean `--model-seed`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def fail(prog: str, error: Exception) -> int:
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def enable_compilation_cache() -> Path:
+    """Persist compiled XLA programs so a second run of the same attack skips compilation.
+
+    The cache lives in $DLG_JAX_CACHE_DIR, else ~/.cache/dlg_jax/xla.
+    """
+    import jax
+
+    path = Path(os.environ.get("DLG_JAX_CACHE_DIR", Path.home() / ".cache" / "dlg_jax" / "xla"))
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+# Attack flags: each sets one field of the AttackConfig (dlg_jax.config) over the preset's value; flags left out
+# keep the preset's. (flag, field, type, help)
+ATTACK_FLAGS = (
+    ("--label-strategy", "labels", dict(choices=("joint", "idlg")),
+     "joint: optimise softmax(dummy logits) with the images (the paper); idlg: read the labels off the last layer's "
+     "gradient (exact for one image, counted for a batch), optimise images only"),
+    ("--optimizer", "optimizer", dict(choices=("lbfgs", "torch-lbfgs", "adam", "jaxopt-lbfgs")),
+     "lbfgs: the engine's L-BFGS (Armijo backtracking, default); torch-lbfgs: torch.optim.LBFGS's semantics as the "
+     "reference uses it; adam: optax Adam; jaxopt-lbfgs: jaxopt's own LBFGS (one attack at a time: dlg_jax.run only)"),
+    ("--steps", "steps", dict(type=positive_int), "steps (default 300, as the reference; 600 in preset batch)"),
+    ("--iterations-per-step", "iterations_per_step", dict(type=positive_int),
+     "solver iterations per step (default 20, torch's max_iter)"),
+    ("--precision", "precision", dict(choices=("float32", "float64")), "arithmetic of the attack (default float32)"),
+    ("--pixel-range", "dummy", dict(choices=("free", "sigmoid")),
+     "free: optimise pixels directly (the paper); sigmoid: images = sigmoid(dummy), kept in (0, 1) (an image prior)"),
+    ("--tv-weight", "tv_weight", dict(type=non_negative_float),
+     "weight of a total-variation prior, divided by 10 per stage and 0 in the last (default 0; 1e-5 in preset batch)"),
+    ("--tv-stages", "tv_stages", dict(type=positive_int), "equal stages of the steps over which the TV weight falls (default 4)"),
+    ("--distance", "distance", dict(choices=("l2", "cosine", "l2+l1")),
+     "gradient distance: l2 (the paper, default), cosine (Inverting Gradients), l2+l1 (TAG)"),
+    ("--learning-rate", "learning_rate", dict(type=positive_float), "Adam's learning rate (default 0.1)"),
+    ("--schedule", "schedule", dict(choices=("constant", "step", "cosine")), "Adam's learning-rate schedule"),
+    ("--tolerance", "tolerance", dict(type=non_negative_float),
+     "converged when D <= tolerance x ||shared gradient||^2 (default 1e-7, ~36-40 dB; 0: run every step)"),
+    ("--retries", "retries", dict(type=int), "fresh random starts after a stalled or diverged attempt (default 3)"),
+)
+
+
+def add_attack_flags(parser: argparse.ArgumentParser) -> None:
+    from dlg_jax.config import PRESETS
+
+    group = parser.add_argument_group("attack (flags override the preset)")
+    group.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                       help="dlg (default; batch for --batch-size >= 2 when no attack flag is given), idlg, batch, "
+                            "reference (torch-lbfgs, one attempt, every step)")
+    for flag, field, kind, text in ATTACK_FLAGS:
+        group.add_argument(flag, dest=field, default=None, help=text, **kind)
+    group.add_argument("--signed", action="store_true", default=None, help="Adam on the gradient's sign")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="lenet", help="model by name (default lenet, the paper's)")
+    model.add_argument("--model-seed", type=int, default=1234, help="seed of the model weights (default 1234)")
+
+
+def attack_config(args, batch_size: int = 1):
+    """The preset the flags name (or the default), with every attack flag given applied over it. Returns the
+    config and a note to show when a preset was chosen for the user."""
+    from dlg_jax.config import get_config
+
+    given = {field: getattr(args, field) for _, field, _, _ in ATTACK_FLAGS if getattr(args, field) is not None}
+    if args.signed:
+        given["signed"] = True
+    preset, note = args.preset, None
+    if preset is None:
+        preset = "batch" if batch_size >= 2 and not given else "dlg"
+        if preset == "batch":
+            note = (f"a batch of {batch_size} with no attack flags: using preset 'batch' (idlg labels, sigmoid "
+                    "pixels, TV 1e-5 in 4 stages, 600 steps); --preset dlg for the paper's plain attack")
+    try:
+        return get_config(preset).override(**given), note
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+__all__ = ["ATTACK_FLAGS", "ArgumentParser", "add_attack_flags", "attack_config", "positive_float", "UsageError", "enable_compilation_cache", "fail", "non_negative_float", "positive_int"]

@@ -1,0 +1,146 @@
+"""Run one DLG attack and save what it recovered: `python -m dlg_jax.run --index 25`.
+
+By default the private image is CIFAR-100 train[25] (label 84, 'table'), the original demo. The attack
+prints the gradient distance every 10 steps, as the original does, and writes to --out:
+history.png (the dummy every 10 steps), reconstruction.png (truth beside reconstruction) and result.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from dlg_jax import data as data_lib
+from dlg_jax.cli.common import (ArgumentParser, add_attack_flags, attack_config, enable_compilation_cache, fail,
+                                positive_int)
+from dlg_jax.errors import UsageError
+from dlg_jax.ranges import parse_range
+
+SNAPSHOT_EVERY = 10  # steps between printed values and history snapshots, as in the original
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="dlg_jax.run", description=__doc__.splitlines()[0])
+    src = p.add_argument_group("private data (default: tfds cifar100 train)")
+    src.add_argument("--index", type=int, default=25, help="index of the private image in the data (default 25)")
+    src.add_argument("--batch-size", type=positive_int, default=1,
+                     help="attack the mean gradient of N images: --index I .. I+N-1 (default 1)")
+    src.add_argument("--indices", default=None, help="the images of the batch instead: 3,7,9 or START:STOP")
+    src.add_argument("--dataset", default="cifar100", choices=sorted(data_lib.TFDS_DATASETS),
+                     help="tensorflow-datasets dataset; also fixes the model shape for --image (default cifar100)")
+    src.add_argument("--split", default="train", help="tfds split (default train)")
+    src.add_argument("--tfds-dir", default=None, help="tfds data_dir (default: tfds's, ~/tensorflow_datasets)")
+    src.add_argument("--data", default=None, help="local npz with images (uint8 NHWC/NHW), labels[, label_names]; replaces tfds")
+    src.add_argument("--image", nargs="+", default=None,
+                     help="image file(s) (any format/size/mode PIL reads), converted to the model input; several = a batch")
+    src.add_argument("--label", type=int, nargs="+", default=None,
+                     help="true label(s) of --image (default: the model's own prediction, as a client would label it)")
+    add_attack_flags(p)
+    p.add_argument("--seed", type=int, default=1234, help="seed of the dummy image and label (default 1234, the reference's)")
+    p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>)")
+    p.add_argument("--quiet", action="store_true", help="do not print the gradient distance every 10 steps")
+    return p
+
+
+def load_private_data(args) -> tuple[data_lib.Dataset, list[int], list[int]]:
+    """The dataset, the positions of the private images in it, and their indices as the user names them."""
+    if args.data and args.image:
+        raise UsageError("--data and --image are exclusive: give one source")
+    if args.image:
+        if args.label is not None and len(args.label) != len(args.image):
+            raise UsageError(f"--label: {len(args.label)} label(s) for {len(args.image)} image(s)")
+        spec = data_lib.TFDS_DATASETS[args.dataset]
+        names = [str(c) for c in range(spec["num_classes"])]
+        dataset = data_lib.load_images(args.image, spec["shape"], args.label, names)
+        positions = list(range(len(dataset)))
+        return dataset, positions, positions
+    if args.label is not None:
+        raise UsageError("--label applies to --image only (datasets carry their labels)")
+    if args.indices is not None and args.batch_size != 1:
+        raise UsageError("give either --indices or --index with --batch-size")
+    wanted = parse_range(args.indices) if args.indices is not None else list(
+        range(args.index, args.index + args.batch_size))
+    if args.data:
+        dataset = data_lib.load_npz(args.data)
+        dataset.check_indices(wanted)
+        return dataset, wanted, wanted
+    dataset = data_lib.load_tfds(args.dataset, args.split, wanted, args.tfds_dir)
+    return dataset, list(range(len(wanted))), wanted
+
+
+def make_case(args, dataset: data_lib.Dataset, config):
+    """The attacked case the flags name: the model, its seeded weights, the client (no transforms yet)."""
+    from dlg_jax.engine.attack import make_case as build, precision_scope
+
+    try:
+        with precision_scope(config):
+            return build(args.model, dataset.num_classes, dataset.image_shape, args.model_seed, config.dtype)
+    except ValueError as error:
+        raise UsageError(f"--model: {error}") from None
+
+
+def write_outputs(out: Path, dataset: data_lib.Dataset, positions: Sequence[int], indices: Sequence[int],
+                  outcome, trace, config, args) -> dict:
+    """Save figures and result.json (written last, atomically: its presence means the run finished); a batch's
+    images are shown and judged in the order `judge` matches them to the private images."""
+    from dlg_jax.results.judge import judge
+    from dlg_jax.results.plots import save_history, save_reconstruction
+
+    truth = dataset.images[list(positions)] / 255.0
+    result, order = judge(truth, outcome.reconstruction, outcome.label_pred, outcome.label_true, indices,
+                          dataset.label_names)
+    per_image = result.get("images", [result])
+    out.mkdir(parents=True, exist_ok=True)
+    save_history(out / "history.png", [(step, images[order]) for step, images in trace.snapshots])
+    captions = [(f"truth #{r['index']}: {r['label_true']} {r['label_name_true']}",
+                 f"DLG: {r['label_pred']} {r['label_name_pred']}, {r['psnr']:.1f} dB") for r in per_image]
+    save_reconstruction(out / "reconstruction.png", truth, outcome.reconstruction[order], captions)
+    result.update({k: getattr(outcome, k) for k in ("grad_distance", "steps", "iterations", "evaluations", "seconds",
+                                                    "compile_seconds", "status", "attempts")})
+    result.update(source=dataset.source, seed=args.seed, model=args.model, model_seed=args.model_seed,
+                  preset=args.preset, config=config.to_dict())
+    tmp = out / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out / "result.json")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = parser.prog
+    try:
+        dataset, positions, indices = load_private_data(args)
+        config, note = attack_config(args, batch_size=len(positions))
+        out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out}: exists and is not a directory")
+        case = make_case(args, dataset, config)
+    except UsageError as error:
+        return fail(prog, error)
+    if note:
+        print(f"{prog}: {note}", flush=True)
+    enable_compilation_cache()
+    from dlg_jax.engine.single import attack_one
+
+    def show(progress: dict) -> None:
+        if not args.quiet:
+            print(f"{progress['step']} {progress['value']:.4f}", flush=True)
+
+    outcome, trace = attack_one(case, config, dataset.images[positions], dataset.labels[positions], args.seed,
+                                on_step=show, snapshot_every=SNAPSHOT_EVERY)
+    result = write_outputs(out, dataset, positions, indices, outcome, trace, config, args)
+    labels = (f"label {result['label_pred']} (true {result['label_true']})" if "label_pred" in result
+              else f"labels {100 * result['label_accuracy']:.0f}% right")
+    print(f"{outcome.status}: PSNR {result['psnr']:.2f} dB{' (batch mean)' if 'images' in result else ''}, "
+          f"{labels}, {outcome.seconds:.2f} s + {outcome.compile_seconds:.2f} s compile, "
+          f"{outcome.evaluations} evaluations -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

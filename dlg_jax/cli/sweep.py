@@ -1,0 +1,238 @@
+"""Sweeps: thousands of DLG reconstructions per compiled program, sharded over every device, resumable.
+
+    python -m dlg_jax.sweep --data FILE.npz --indices 0:50 --seeds 0:4 --restarts 1 --lanes 64 --out DIR
+
+Every (index, seed) is one attack on one image, set up exactly as `python -m dlg_jax.run --index I --seed S`
+sets it up. `--restarts K` runs K random starts of it side by side and keeps the one with the lowest gradient
+distance (what an attacker can see; the ground truth plays no part in the choice). The attacks run `--lanes`
+at a time in one compiled program (dlg_jax/engine: why and how it is fast), its lanes sharded over all local
+devices; lanes whose attack has finished are refilled at once, so stragglers do not hold a batch.
+
+DIR gets, as attacks finish, results.jsonl (one row per (index, seed): the keys of dlg_jax.run's result.json plus
+seed, restarts, restart and restart_distances), reconstructions/INDEX-SEED.npz and config.json; at the end
+summary.json, summary.md, psnr_histogram.png and worst.png (the lowest-PSNR reconstructions).
+
+Rerunning the same command continues where it stopped, after a crash or `kill -9` too: rows already in DIR are
+skipped, a truncated last line is dropped. New indices or seeds extend the sweep; different attack settings
+are refused (use another DIR). With --distributed, every host of a multi-host job (jax.distributed) takes its
+share of the attacks and appends its own rows to results.pN.jsonl in the shared DIR.
+On CPU, --processes N runs N such workers on this machine, one pinned to each core (faster than one process
+with a device per core: experiments/results/bench_sweep.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from dlg_jax import data as data_lib
+from dlg_jax.cli.common import ArgumentParser, add_attack_flags, attack_config, enable_compilation_cache, fail, positive_int
+from dlg_jax.errors import UsageError
+from dlg_jax.ranges import parse_range
+from dlg_jax.results import report
+from dlg_jax.results.store import ResultsDir
+
+MAX_SEED = 2**31 - 1
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="dlg_jax.sweep", description=__doc__.splitlines()[0])
+    src = p.add_argument_group("private data (default: tfds cifar100 train)")
+    src.add_argument("--indices", default="0:50", help="images to attack: START:STOP[:STEP], I,J,K or a mix (default 0:50)")
+    src.add_argument("--data", default=None, help="local npz with images (uint8 NHWC/NHW), labels[, label_names]; replaces tfds")
+    src.add_argument("--dataset", default="cifar100", choices=sorted(data_lib.TFDS_DATASETS),
+                     help="tensorflow-datasets dataset (default cifar100)")
+    src.add_argument("--split", default="train", help="tfds split (default train)")
+    src.add_argument("--tfds-dir", default=None, help="tfds data_dir (default: tfds's, ~/tensorflow_datasets)")
+    sw = p.add_argument_group("sweep")
+    sw.add_argument("--seeds", default="1234", help="seeds of the dummy, as --indices (default 1234, dlg_jax.run's)")
+    sw.add_argument("--restarts", type=positive_int, default=1,
+                    help="random starts per (image, seed), run side by side; the lowest gradient distance is kept (default 1)")
+    sw.add_argument("--lanes", "--batch", dest="lanes", type=positive_int, default=64,
+                    help="attacks (lanes) per compiled program, over all local devices (default 64; --batch: the old name)")
+    sw.add_argument("--out", required=True, help="results directory; rerun the same command to resume")
+    sw.add_argument("--batch-size", type=positive_int, default=1,
+                    help="attack the mean gradient of N images: --indices taken N at a time, consecutive (default 1)")
+    sw.add_argument("--engine", default="auto", choices=("auto", "flat", "lane-by-lane", "vmap"),
+                    help="how lanes take their trips: lane-by-lane (CPU default) or vmap (all at once: accelerators' "
+                         "default); auto/flat: the platform's default")
+    sw.add_argument("--distributed", action="store_true",
+                    help="multi-host: jax.distributed.initialize() (auto-detected on TPU pods, SLURM; or the next flags)")
+    sw.add_argument("--coordinator", default=None, help="with --distributed: coordinator address host:port")
+    sw.add_argument("--num-processes", type=positive_int, default=None, help="with --distributed: number of hosts")
+    sw.add_argument("--process-id", type=int, default=None, help="with --distributed: this host's id")
+    sw.add_argument("--processes", type=positive_int, default=1,
+                    help="CPU: run N processes, one per core, each with one device and its share of the attacks, "
+                         "instead of one process with a device per core")
+    sw.add_argument("--worker", default=None, type=lambda v: tuple(map(int, v.split("/"))),
+                    help=argparse.SUPPRESS)  # K/N: worker K of --processes N, parsed to (K, N)
+    sw.add_argument("--single-device", action="store_true",
+                    help="on CPU, one JAX device for all cores (default: one device per core, lanes sharded over them)")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_attack_flags(p)
+    return p
+
+
+def _config(args):
+    config, note = attack_config(args, batch_size=args.batch_size)
+    if config.solver.optimizer == "jaxopt-lbfgs":
+        raise UsageError("--optimizer jaxopt-lbfgs runs one attack at a time: use dlg_jax.run, or lbfgs (the same "
+                         "algorithm in the engine)")
+    return config, note
+
+
+def _load(args, indices: list[int]) -> tuple[data_lib.Dataset, dict[int, int]]:
+    """The dataset and, for each requested index, its position in the dataset's arrays."""
+    if args.data:
+        dataset = data_lib.load_npz(args.data)
+        dataset.check_indices(indices)
+        return dataset, {i: i for i in indices}
+    dataset = data_lib.load_tfds(args.dataset, args.split, indices, args.tfds_dir)
+    return dataset, {i: n for n, i in enumerate(indices)}
+
+
+def _identity(args, dataset: data_lib.Dataset, config) -> dict:
+    """What the rows depend on: a rerun in the same DIR must match it (the work list may grow)."""
+    source = str(Path(args.data).resolve()) if args.data else f"tfds {args.dataset}[{args.split}]"
+    return dict(data=dict(source=source, image_shape=list(dataset.image_shape), num_classes=dataset.num_classes),
+                attack=config.to_dict(), model=args.model, model_seed=args.model_seed, restarts=args.restarts,
+                batch_size=args.batch_size)
+
+
+def _hosts(args) -> tuple[int, int]:
+    """(this host, hosts): jax.distributed when asked for, one of --processes for a worker, else (0, 1)."""
+    if args.worker is not None:
+        return args.worker
+    if not args.distributed:
+        if args.coordinator or args.num_processes or args.process_id is not None:
+            raise UsageError("--coordinator/--num-processes/--process-id need --distributed")
+        return 0, 1
+    import jax
+
+    options = {k: v for k, v in dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                      process_id=args.process_id).items() if v is not None}
+    jax.distributed.initialize(**options)
+    return jax.process_index(), jax.process_count()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = parser.prog
+    if not args.single_device:
+        from dlg_jax.engine.devices import use_all_cpu_cores
+
+        use_all_cpu_cores()
+    try:
+        config, note = _config(args)
+        indices = parse_range(args.indices, "--indices")
+        seeds = parse_range(args.seeds, "--seeds")
+        bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+        if bad:
+            raise UsageError(f"--seeds: {bad[0]} is out of range (0..{MAX_SEED})")
+        if len(indices) < args.batch_size:
+            raise UsageError(f"--indices: {len(indices)} image(s), fewer than --batch-size {args.batch_size}")
+        dataset, position = _load(args, indices)
+        if note and args.worker is None:
+            print(f"{prog}: {note}", file=sys.stderr, flush=True)
+        if args.processes > 1 and args.worker is None:
+            if args.distributed:
+                raise UsageError("--processes and --distributed: choose one")
+            from dlg_jax.cli.launcher import launch
+
+            results = ResultsDir(Path(args.out), _identity(args, dataset, config))  # refuses another configuration
+            total = len(indices) // args.batch_size * len(seeds)
+            return launch(args, list(sys.argv[1:] if argv is None else argv), prog, results, total, _summarise)
+        host, hosts = _hosts(args)
+        results = ResultsDir(Path(args.out), _identity(args, dataset, config), host, hosts)
+        n = args.batch_size  # a batch is named by its first index
+        members = {indices[k]: indices[k:k + n] for k in range(0, len(indices) - n + 1, n)}
+        share = [(i, s) for i in members for s in seeds][host::hosts]  # fixed before looking at DIR: hosts agree
+        done = {(r["index"], r["seed"]) for r in results.rows()}
+        pending = [task for task in share if task not in done]
+        enable_compilation_cache()
+        runner = _runner(args, dataset, config)
+        if pending:
+            runner.compile(runner.lanes_for(len(pending), args.lanes))  # refuses too many lanes, before DIR
+        results.open()
+        done = {(r["index"], r["seed"]) for r in results.rows()}  # another sweep may have finished some meanwhile
+        pending = [(i, s) for i, s in pending if (i, s) not in done]
+        _run(args, runner, dataset, position, members, pending, results)
+    except UsageError as error:
+        return fail(prog, error)
+    with contextlib.suppress(Exception):
+        if hosts > 1 and args.distributed:  # let every host finish its rows before host 0 writes the summary
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("dlg_jax.sweep done")
+    if host == 0 and args.worker is None:  # --processes: the launcher summarises
+        _summarise(results)
+    return 0
+
+
+def _runner(args, dataset: data_lib.Dataset, config):
+    from dlg_jax.cli.run import make_case
+    from dlg_jax.engine.scheduler import Sweep
+
+    lane_by_lane = {"lane-by-lane": True, "vmap": False}.get(args.engine)
+    return Sweep(make_case(args, dataset, config), config, restarts=args.restarts, batch_size=args.batch_size,
+                 lane_by_lane=lane_by_lane)
+
+
+def _summarise(results: ResultsDir) -> None:
+    rows = results.rows()
+    # one file per host or worker, side by side: the slowest sets the pace (one file: its rows' sum)
+    summary = report.write(results.path, rows, results.identity,
+                           attack_seconds=max(results.seconds_by_file().values(), default=None))
+    if rows:
+        print(f"{summary['rows']} attacks in {results.path}: {summary['successes']} at PSNR >= "
+              f"{report.SUCCESS_DB:.0f} dB ({100 * summary['success_rate']:.1f}%), median PSNR "
+              f"{summary['median_psnr']:.2f} dB, labels {100 * summary['label_accuracy']:.1f}% right, "
+              f"{summary['attacks_per_hour']:.0f} attacks/hour")
+
+
+def _run(args, runner, dataset: data_lib.Dataset, position: dict[int, int], members: dict[int, list[int]],
+         pending, results: ResultsDir):
+    """Attack the pending (index, seed) pairs (index: a batch's first), appending each chunk's rows as it finishes.
+
+    A row has the keys of `dlg_jax.run`'s result.json (a batch's: per-image rows, means, label accuracy) plus
+    seed, restarts, restart and restart_distances; the saved truth and reconstruction are in matched order.
+    """
+    if not pending:
+        return
+    from tqdm import tqdm
+
+    from dlg_jax.engine.scheduler import Task
+    from dlg_jax.results.judge import judge
+
+    batched = runner.batch_size > 1
+    tasks = [Task(tuple(position[m] for m in members[i]), s) for i, s in pending]
+    key_of = dict(zip(tasks, pending))
+    keys = ("grad_distance", "steps", "iterations", "evaluations", "seconds", "compile_seconds", "status", "attempts",
+            "restart", "restart_distances")
+
+    def save(outcomes) -> None:
+        rows, images = [], {}
+        for o in outcomes:
+            index, seed = key_of[o.task]
+            truth = dataset.images[list(o.task.positions)]
+            row, order = judge(truth / 255.0, o.reconstruction, o.label_pred, o.label_true, members[index],
+                               dataset.label_names)
+            rows.append(dict(row, index=index, seed=seed, restarts=runner.restarts, **{k: getattr(o, k) for k in keys}))
+            images[(index, seed)] = ((truth, o.reconstruction[order]) if batched else (truth[0], o.reconstruction[0]))
+        results.append(rows, images)
+
+    with tqdm(total=len(tasks), unit="attack", desc="sweep", disable=args.quiet, dynamic_ncols=True,
+              smoothing=0.05) as bar:
+        def progress(finished: int, out: dict) -> None:
+            bar.set_postfix(lanes=int(out["live"].sum()), refresh=False)
+            bar.update(finished)
+
+        runner.run(dataset.images, dataset.labels, tasks, lanes=args.lanes, on_results=save, progress=progress)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""An attack's settings as plain data: nested frozen dataclasses, named presets, and a dict round trip.
+
+    config = get_config("batch")                       # a preset
+    config = config.override(steps=300, labels="joint")  # flat names reach into the sections
+    AttackConfig.from_dict(config.to_dict()) == config  # what config.json stores and a resume compares
+
+breaching's vocabulary: the *case* is the model and the client (what it shares); the *attack* is what the
+attacker brings: how labels are found, how the dummy is parametrised, the objective (a gradient distance plus a
+prior), the solver and the attempt rules. This module holds the attack; the case's parts are named in the
+registries of `dlg_jax.models` and `dlg_jax.client`.
+
+Every name here is checked against the registry that will run it, so a typo fails when the config is made,
+not deep inside a compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+LABEL_STRATEGIES = ("joint", "idlg")
+PRECISIONS = ("float32", "float64")
+LINESEARCH_CONDITIONS = ("armijo", "wolfe", "strong-wolfe")
+SCHEDULES = ("constant", "step", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What is minimised: `distance` between the dummy's gradient and the shared one, plus a total-variation
+    prior of weight `tv_weight` in the first stage, divided by 10 at each of `tv_stages` equal stages of the
+    iterations, and 0 in the last (so an attack ends on the gradient distance alone)."""
+
+    distance: str = "l2"  # dlg_jax.parts.objectives.DISTANCES
+    tv_weight: float = 0.0
+    tv_stages: int = 4
+
+    @property
+    def stages(self) -> int:
+        """Stages of an attempt: `tv_stages` with a prior, one without."""
+        return self.tv_stages if self.tv_weight > 0 else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Solver:
+    """Which solver runs, with its settings (each solver reads the ones it knows)."""
+
+    optimizer: str = "lbfgs"  # dlg_jax.solvers.SOLVERS
+    history_size: int = 100  # L-BFGS pairs
+    linesearch_condition: str = "armijo"  # what backtracking accepts: sufficient decrease alone, or (strong) Wolfe
+    linesearch_decrease: float = 0.5  # backtracking's step shrink per rejected trial
+    max_linesearch_steps: int = 30
+    learning_rate: float = 0.1  # Adam
+    schedule: str = "constant"  # Adam: constant, step (x0.1 at 3/8, 5/8, 7/8 of the iterations), cosine
+    signed: bool = False  # Adam on sign(gradient) (Inverting Gradients)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """The attempt rules (`dlg_jax.parts.attempts`): budgets, convergence, stall probe, retries."""
+
+    steps: int = 300  # reported steps, as the reference's 300 `optimizer.step` calls
+    iterations_per_step: int = 20  # solver iterations per step (torch's max_iter)
+    evaluations_per_step: int | None = None  # evaluations per step; None: torch's max_eval, max_iter * 5 // 4
+    tolerance: float = 1e-7  # converged when D <= tolerance * ||shared gradient||^2 (~36-40 dB on CIFAR)
+    retries: int = 3  # fresh random starts after an attempt stalls or diverges
+    probe_steps: int = 25  # an attempt must have cut D by `probe_reduction` after this many steps...
+    probe_reduction: float = 1e-2  # ...or it counts as stalled
+
+    @property
+    def max_iterations(self) -> int:
+        return self.steps * self.iterations_per_step
+
+    @property
+    def step_evaluations(self) -> int:
+        return self.iterations_per_step * 5 // 4 if self.evaluations_per_step is None else self.evaluations_per_step
+
+    @property
+    def max_evaluations(self) -> int:
+        """The budget of evaluations over all attempts: near float rounding every line search can fail, and
+        an iteration then costs `max_linesearch_steps` evaluations."""
+        return self.steps * self.step_evaluations
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+    """One attack. The defaults are the paper's objective with the measured solver settings (preset `dlg`)."""
+
+    labels: str = "joint"  # joint: optimise softmax(dummy logits) with the inputs; idlg: read them off the gradient
+    dummy: str = "free"  # dlg_jax.parts.dummies.DUMMIES: free pixels, sigmoid pixels
+    precision: str = "float32"
+    objective: Objective = Objective()
+    solver: Solver = Solver()
+    rules: Rules = Rules()
+
+    def __post_init__(self):
+        from dlg_jax.parts.dummies import DUMMIES
+        from dlg_jax.parts.objectives import DISTANCES
+        from dlg_jax.solvers import SOLVERS
+
+        o, s, r = self.objective, self.solver, self.rules
+        for name, value, allowed in (("labels", self.labels, LABEL_STRATEGIES), ("dummy", self.dummy, DUMMIES),
+                                     ("precision", self.precision, PRECISIONS), ("distance", o.distance, DISTANCES),
+                                     ("optimizer", s.optimizer, SOLVERS), ("schedule", s.schedule, SCHEDULES),
+                                     ("linesearch_condition", s.linesearch_condition, LINESEARCH_CONDITIONS)):
+            if value not in allowed:
+                raise ValueError(f"{name} {value!r}: choose from {', '.join(allowed)}")
+        if min(r.steps, r.iterations_per_step, r.step_evaluations, s.history_size, s.max_linesearch_steps) <= 0:
+            raise ValueError("steps, iterations_per_step, evaluations_per_step, history_size and "
+                             "max_linesearch_steps must be positive")
+        if r.retries < 0 or r.probe_steps < 0 or not 0 <= r.tolerance < 1:
+            raise ValueError("retries and probe_steps must be >= 0 and tolerance in [0, 1)")
+        if not 0 < s.linesearch_decrease < 1:
+            raise ValueError("linesearch_decrease must be between 0 and 1")
+        if not 0 < s.learning_rate < float("inf"):
+            raise ValueError("learning_rate must be a positive number")
+        if not 0 <= o.tv_weight < 1e6 or o.tv_stages <= 0 or (o.tv_weight > 0 and o.tv_stages > r.max_iterations):
+            raise ValueError("tv_weight must be in [0, 1e6) and tv_stages between 1 and the iterations")
+        if s.optimizer == "torch-lbfgs" and (self.dummy != "free" or o.tv_weight > 0):
+            raise ValueError("the image prior (sigmoid pixels, TV) is not for torch-lbfgs, the reference's optimizer")
+
+    @property
+    def dtype(self):
+        import jax.numpy as jnp
+
+        return jnp.float64 if self.precision == "float64" else jnp.float32
+
+    # -- plain data
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AttackConfig":
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        kinds = dict(objective=Objective, solver=Solver, rules=Rules)
+        unknown = set(data) - set(sections)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        return cls(**{k: kinds[k](**v) if k in kinds else v for k, v in data.items()})
+
+    def override(self, **changes: Any) -> "AttackConfig":
+        """This config with fields changed by their own names, wherever they live: `override(steps=600,
+        tv_weight=1e-5, labels="idlg")`. The names are unique across sections (checked)."""
+        top, nested = {}, {}
+        for name, value in changes.items():
+            section = FIELD_SECTIONS.get(name)
+            if section is None:
+                raise ValueError(f"unknown attack setting {name!r}")
+            if section == "":
+                top[name] = value
+            else:
+                nested.setdefault(section, {})[name] = value
+        for section, values in nested.items():
+            top[section] = dataclasses.replace(getattr(self, section), **values)
+        return dataclasses.replace(self, **top)
+
+
+def _field_sections() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for field in dataclasses.fields(AttackConfig):
+        kind = {"objective": Objective, "solver": Solver, "rules": Rules}.get(field.name)
+        names = [f.name for f in dataclasses.fields(kind)] if kind else [field.name]
+        for name in names:
+            assert name not in out, f"attack setting {name!r} is in two sections"
+            out[name] = field.name if kind else ""
+    return out
+
+
+FIELD_SECTIONS = _field_sections()
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets: named starting points, as flax examples' get_config().
+
+PRESETS: dict[str, AttackConfig] = {
+    # The paper: joint labels, free pixels, squared L2 distance, L-BFGS (measured settings, README).
+    "dlg": AttackConfig(),
+    # iDLG: the label read off the last layer's gradient (exact for one image), the images optimised alone.
+    "idlg": AttackConfig(labels="idlg"),
+    # Batches of 2-8 images (README "Batches"): analytic labels, sigmoid pixels, colour TV 1e-5 in 4 stages.
+    "batch": AttackConfig(labels="idlg", dummy="sigmoid", objective=Objective(tv_weight=1e-5, tv_stages=4),
+                          rules=Rules(steps=600)),
+    # The reference procedure: torch.optim.LBFGS's semantics, one attempt, every step run (no early stop).
+    "reference": AttackConfig(solver=Solver(optimizer="torch-lbfgs"), rules=Rules(retries=0, tolerance=0.0)),
+}
+
+
+def get_config(name: str = "dlg") -> AttackConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}: choose from {', '.join(PRESETS)}") from None

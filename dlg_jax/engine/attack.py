@@ -1,0 +1,104 @@
+"""A case and an attack as the per-lane pure functions the engine runs.
+
+    case = make_case("lenet", num_classes=100, input_shape=(32, 32, 3), model_seed=1234, dtype=jnp.float32)
+    attack = make_attack(case, config, batch_size=1)
+    problem = make_problem(attack, images, labels, seed)      # simulate the client, draw the dummy
+    value = attack.objective(problem.init, 0.0, problem, case.params)
+
+breaching's vocabulary: the case is what is attacked (the model, its weights, and the client: its gradient and
+the transforms applied to it before it is shared); the attack is what the attacker brings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from dlg_jax.client import shared_gradient
+from dlg_jax.config import AttackConfig
+from dlg_jax.models import Model, get_model
+from dlg_jax.parts import dummies
+from dlg_jax.parts.attempts import Rules
+from dlg_jax.parts.labels import analytic_labels, last_layer_weight_grad
+from dlg_jax.parts.objectives import DISTANCES, Problem, gradient_matching
+from dlg_jax.solvers import make_solver
+
+CLIENT_STREAM = 0xC11E  # the client's transforms (noise, ...) draw from fold_in(key(seed), CLIENT_STREAM)
+
+
+class Case(NamedTuple):
+    model: Model
+    params: Any
+    transforms: tuple = ()  # the client's gradient transforms, in order (dlg_jax.client)
+
+
+def make_case(model: str, num_classes: int, input_shape: Sequence[int], model_seed: int = 1234,
+              dtype=jnp.float32, transforms: Sequence[Callable] = ()) -> Case:
+    spec = get_model(model, num_classes, input_shape)
+    return Case(spec, spec.init(model_seed, dtype), tuple(transforms))
+
+
+class Attack(NamedTuple):
+    config: AttackConfig
+    case: Case
+    layout: dummies.Layout  # the flat dummy the solver sees
+    dummy: dummies.Dummy
+    solver: Any  # one evaluation per call (dlg_jax.solvers)
+    rules: Rules
+    objective: Callable  # (z, prior weight, problem, params) -> D
+
+    @property
+    def batch_size(self) -> int:
+        return self.layout.shapes["inputs"][0]
+
+    def inputs(self, z: jax.Array) -> jax.Array:
+        """The model inputs a flat dummy stands for (e.g. sigmoid of its pixels)."""
+        return self.dummy.decode(self.layout.unravel(z)["inputs"])
+
+    def labels(self, z: jax.Array, problem: Problem) -> jax.Array:
+        """The attack's label guess: argmax of the dummy's label logits, or the labels read off the gradient."""
+        parts = self.layout.unravel(z)
+        return jnp.argmax(parts["label_logits"] if "label_logits" in parts else problem.known_labels, axis=-1)
+
+
+def make_attack(case: Case, config: AttackConfig, batch_size: int = 1, solver=None) -> Attack:
+    model = case.model
+    layout = dummies.layout((batch_size, *model.input_shape), model.num_classes, config.labels == "joint", config.dtype)
+    dummy = dummies.DUMMIES[config.dummy]
+    objective = functools.partial(gradient_matching, model=model, layout=layout, dummy=dummy,
+                                  distance=DISTANCES[config.objective.distance], tv=config.objective.tv_weight > 0)
+    if solver is None and config.solver.optimizer != "jaxopt-lbfgs":
+        solver = make_solver(config)
+    return Attack(config, case, layout, dummy, solver, Rules.from_config(config), objective)
+
+
+def make_problem(attack: Attack, inputs: jax.Array, labels: jax.Array, seed) -> Problem:
+    """Simulate the client on private `inputs` (in the model's range, e.g. pixels in [0, 1]) with integer
+    `labels`, and draw the dummy: N(0, 1) from `seed`, as in the reference."""
+    config, case = attack.config, attack.case
+    dtype, classes = config.dtype, case.model.num_classes
+    key = jax.random.key(seed)
+    shared = shared_gradient(case.model, case.params, jnp.asarray(inputs, dtype),
+                             jax.nn.one_hot(labels, classes, dtype=dtype), case.transforms,
+                             jax.random.fold_in(key, CLIENT_STREAM))
+    n = attack.batch_size
+    if config.labels == "idlg":
+        known = jax.nn.one_hot(analytic_labels(last_layer_weight_grad(shared), n), classes, dtype=dtype)
+    else:
+        known = jnp.zeros((n, classes), dtype)
+    target = config.rules.tolerance * sum(jnp.sum(g**2) for g in jax.tree.leaves(shared))
+    return Problem(shared, known, dummies.first_start(key, attack.layout), jax.random.key_data(key), target)
+
+
+def precision_scope(config: AttackConfig) -> contextlib.ExitStack:
+    """Context in which to build, compile and run an attack: float64 needs JAX's x64 mode switched on, and
+    matrix products run at the full precision of the dtype on every backend (on GPUs, float32 products would
+    otherwise use TF32, whose 10-bit mantissa cannot match gradients to the 1e-7 the attack converges to)."""
+    scope = contextlib.ExitStack()
+    scope.enter_context(jax.enable_x64(config.precision == "float64"))
+    scope.enter_context(jax.default_matmul_precision("highest"))
+    return scope

@@ -1,0 +1,127 @@
+"""One attack, with snapshots along the way: the engine with one lane (or jaxopt's own LBFGS, on request).
+
+Why one lane of the engine and not a direct loop: it is the same code as every sweep (one path to test), and
+it is faster: the direct jaxopt path (`--optimizer jaxopt-lbfgs`) took 1.3x the engine's time per attack on
+the shared CIFAR-100 images (README, "One attack"), its two-loop recursion costing as much as an evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dlg_jax.engine.attack import Case, make_attack, make_problem, precision_scope
+from dlg_jax.engine.devices import compiler_options
+from dlg_jax.engine.lanes import NEVER, Engine
+from dlg_jax.engine.scheduler import Outcome, Task
+from dlg_jax.parts.attempts import RUNNING, STATUS_NAMES
+
+
+@dataclasses.dataclass
+class Trace:
+    """What happened along the way: the dummy every `every` steps, and D after each of them."""
+
+    every: int
+    snapshots: list  # [(step, inputs (N, ...) of the current iterate)]
+    values: list  # [(step, D of the current iterate, evaluations so far)]
+
+
+def predict_missing_labels(case: Case, inputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Labels -1 replaced by the model's prediction (a client labels an unlabelled input as its model does)."""
+    labels = np.asarray(labels)
+    unknown = labels < 0
+    if not unknown.any():
+        return labels
+    predicted = np.asarray(jnp.argmax(case.model.apply(case.params, jnp.asarray(inputs)), -1))
+    return np.where(unknown, predicted, labels)
+
+
+def attack_one(case: Case, config, images: np.ndarray, labels: np.ndarray, seed: int = 1234,
+               on_step: Callable[[dict], None] | None = None, snapshot_every: int = 10) -> tuple[Outcome, Trace]:
+    """Attack the shared gradient of a batch of private images (uint8 (N, H, W, C); labels -1: the model's
+    prediction). `on_step` gets {step, value, evaluations, status} every `snapshot_every` steps."""
+    with precision_scope(config):
+        pixels = np.asarray(images, np.float64) / 255.0
+        labels = predict_missing_labels(case, pixels.astype(config.dtype), labels)
+        if config.solver.optimizer == "jaxopt-lbfgs":
+            return _jaxopt(case, config, images, labels, seed, on_step, snapshot_every)
+        engine = Engine(make_attack(case, config, len(images)), jax.local_devices()[:1])
+        start = time.perf_counter()
+        programs = engine.compile(1)
+        compile_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        lanes = engine.fill(programs, programs["blank"](), np.ones(1, bool), np.asarray(images)[None],
+                            np.asarray(labels, np.int32)[None], np.array([seed], np.int32), np.zeros(1, np.int32))
+
+        def advance(until):
+            nonlocal lanes
+            lanes, _ = engine.run(programs, lanes, NEVER, 1, until)
+            out = engine.harvest(programs, lanes)
+            return {k: v[0] for k, v in out.items()}, float(lanes.progress.current_value[0])
+
+        out = _trace(config, advance, on_step, snapshot_every)
+        seconds = time.perf_counter() - start
+        return _outcome(config, labels, out[0], seconds, compile_seconds, seed), out[1]
+
+
+def _trace(config, advance, on_step, every: int):
+    """Advance to each snapshot step, recording the current dummy and D; then on to the end."""
+    trace = Trace(every, [], [])
+    per_step = config.rules.iterations_per_step
+    out = None
+    for step in range(0, config.rules.steps, every):
+        out, value = advance((step + 1) * per_step)
+        trace.snapshots.append((step, np.asarray(out["current"])))
+        trace.values.append((step, value, int(out["evaluations"])))
+        if on_step:
+            on_step(dict(step=step, value=value, evaluations=int(out["evaluations"]), status=int(out["status"])))
+    if out is None or int(out["status"]) == RUNNING:
+        out, _ = advance(NEVER)
+    return out, trace
+
+
+def _outcome(config, labels, out: dict, seconds: float, compile_seconds: float, seed: int) -> Outcome:
+    iterations = int(out["iterations"])
+    return Outcome(task=Task(tuple(range(len(labels))), seed), reconstruction=np.asarray(out["inputs"], np.float64),
+                   label_pred=[int(c) for c in out["label_pred"]], label_true=[int(c) for c in labels],
+                   grad_distance=float(out["grad_distance"]), status=STATUS_NAMES[int(out["status"])],
+                   attempts=int(out["attempts"]), iterations=iterations,
+                   steps=-(-iterations // config.rules.iterations_per_step), evaluations=int(out["evaluations"]),
+                   seconds=seconds, compile_seconds=compile_seconds, restart_distances=[float(out["grad_distance"])])
+
+
+def _jaxopt(case: Case, config, images, labels, seed, on_step, every):
+    """The direct path: jaxopt.LBFGS iteration by iteration, under the same attempt rules."""
+    from dlg_jax.solvers import jaxopt_lbfgs as J
+
+    attack = make_attack(case, config, len(images))
+    s = config.solver
+    solver = J.make_jaxopt_lbfgs(attack.objective, s.history_size, s.linesearch_condition, s.linesearch_decrease,
+                                 s.max_linesearch_steps, config.rules.max_iterations)
+    problem = make_problem(attack, jnp.asarray(images, config.dtype) / 255.0, jnp.asarray(labels), seed)
+    params = case.params
+    options = compiler_options()
+    start = time.perf_counter()
+    begin = jax.jit(lambda p: J.start(solver, p, params), compiler_options=options).lower(problem).compile()
+    carry = begin(problem)
+    step_fn = jax.jit(lambda c, p, until: J.advance(solver, attack.rules, p, params, attack.layout, c, until),
+                      compiler_options=options).lower(carry, problem, jnp.int32(0)).compile()
+    compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+
+    def advance(until):
+        nonlocal carry
+        carry = step_fn(carry, problem, jnp.int32(min(until, NEVER)))
+        a = carry.attempt
+        out = dict(inputs=attack.inputs(a.best), current=attack.inputs(a.current),
+                   label_pred=attack.labels(a.best, problem), grad_distance=a.best_value, status=a.status,
+                   attempts=a.attempt + 1, iterations=a.iterations, evaluations=a.evaluations)
+        return jax.device_get(out), float(a.current_value)
+
+    out, trace = _trace(config, advance, on_step, every)
+    return _outcome(config, labels, out, time.perf_counter() - start, compile_seconds, seed), trace

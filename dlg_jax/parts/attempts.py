@@ -1,0 +1,133 @@
+"""The attempt rules, written once: every driver (the engine's lanes, the jaxopt loop) calls `after_evaluation`.
+
+An attack is a series of attempts from random starts. After each evaluation of the objective the rules decide:
+
+- **best iterate**: the lowest finite D among the iterates (what is returned, whatever came after it);
+- **divergence**: a non-finite D or iterate ends the attempt (DIVERGED);
+- **convergence**: D <= target (tolerance x ||shared gradient||^2) in the last prior stage (CONVERGED);
+- **stall probe**: an attempt that has not cut D by `probe_reduction` after `probe_steps` steps is STALLED;
+- **fresh starts**: a stalled or diverged attempt starts again from a new N(0, 1) dummy while retries and
+  budget remain (`again`);
+- **budgets**: iterations (steps x iterations per step) over all attempts, checked as an iteration completes,
+  and evaluations (steps x evaluations per step), checked at every evaluation (MAX_STEPS);
+- **prior stages**: with a TV prior, its weight is tv_weight / 10^stage over equal stages of an attempt's
+  iterations, 0 in the last; at a stage's end the solver starts afresh from the current iterate (the
+  objective changed), and the best iterate is tracked anew (D's at different weights are not comparable).
+
+The solver reports what an evaluation was (`Step`): the first of an attempt or stage (`started`) and/or the end
+of an iteration (`iterated`: the evaluated point is the new iterate). L-BFGS's first evaluation only starts;
+a line-search trial that is refused is neither; Adam's every evaluation is an iteration.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+RUNNING, CONVERGED, MAX_STEPS, DIVERGED, STALLED = 0, 1, 2, 3, 4
+STATUS_NAMES = {RUNNING: "running", CONVERGED: "converged", MAX_STEPS: "max_steps", DIVERGED: "diverged",
+                STALLED: "stalled"}
+
+
+class Step(NamedTuple):
+    """What a solver's evaluation was."""
+
+    started: jax.Array  # bool: the first evaluation from a (re)start: its point is where the attempt or stage begins
+    iterated: jax.Array  # bool: an iteration completed; the evaluated point is the new iterate
+
+
+class Rules(NamedTuple):
+    """The numbers the rules need (Python scalars: they are compiled in)."""
+
+    max_iterations: int
+    max_evaluations: int
+    probe_iteration: int
+    probe_reduction: float
+    retries: int
+    stages: int
+    stage_iterations: int
+    tv_weight: float
+
+    @classmethod
+    def from_config(cls, config) -> "Rules":
+        r, o = config.rules, config.objective
+        return cls(r.max_iterations, r.max_evaluations, r.probe_steps * r.iterations_per_step, r.probe_reduction,
+                   r.retries, o.stages, r.max_iterations // o.stages, o.tv_weight)
+
+
+class Attempt(NamedTuple):
+    """An attack's progress over its attempts."""
+
+    best: jax.Array  # the best iterate (flat dummy) so far
+    best_value: jax.Array
+    current: jax.Array  # the last iterate
+    current_value: jax.Array  # D there
+    iterations: jax.Array  # over all attempts
+    evaluations: jax.Array  # over all attempts
+    status: jax.Array
+    attempt: jax.Array  # 0 for the first
+    attempt_start: jax.Array  # iterations when the current attempt began
+    attempt_value: jax.Array  # D at the current attempt's start
+    stage_start: jax.Array  # bool: the pending start is a prior stage's (not a new attempt's)
+
+
+def begin(z0: jax.Array) -> Attempt:
+    zero = jnp.zeros((), jnp.int32)
+    inf = jnp.asarray(jnp.inf, z0.dtype)
+    return Attempt(z0, inf, z0, inf, zero, zero, jnp.asarray(RUNNING, jnp.int32), zero, zero, inf, jnp.zeros((), bool))
+
+
+def stage(rules: Rules, a: Attempt) -> jax.Array:
+    return (a.iterations - a.attempt_start) // rules.stage_iterations
+
+
+def prior_weight(rules: Rules, a: Attempt) -> jax.Array:
+    """The TV weight of the attempt's current stage: tv_weight / 10^stage, 0 in the last stage."""
+    s = stage(rules, a)
+    dtype = a.best_value.dtype
+    decayed = jnp.asarray(rules.tv_weight, dtype) * jnp.asarray(10.0, dtype) ** (-s.astype(dtype))
+    return jnp.where(s >= rules.stages - 1, jnp.zeros((), dtype), decayed)
+
+
+def after_evaluation(rules: Rules, a: Attempt, step: Step, point: jax.Array, value: jax.Array,
+                     evaluations: jax.Array, target: jax.Array) -> tuple[Attempt, jax.Array, jax.Array]:
+    """The rules after an evaluation of D at `point` (`evaluations`: the attack's total, this one included).
+
+    Returns the new progress, `again` (start a new attempt from a fresh dummy) and `restart` (the solver must
+    start afresh: `again`, or a new prior stage from `point`).
+    """
+    finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(point))
+    attempt_begins = step.started & ~a.stage_start
+    iterations = a.iterations + step.iterated
+    done = iterations - a.attempt_start  # iterations of this attempt
+    last_stage = stage(rules, a) >= rules.stages - 1  # the stage this evaluation belongs to
+    attempt_value = jnp.where(attempt_begins, value, a.attempt_value)
+
+    improved = step.iterated & finite & (value < a.best_value)
+    reset = step.started & (a.stage_start | (a.attempt == 0))  # a first start, or a stage's: track anew
+    take = improved | reset
+    stalled = (step.iterated & (done == rules.probe_iteration) & (value > rules.probe_reduction * attempt_value)
+               & (a.attempt < rules.retries))
+    spent_iterations = iterations >= rules.max_iterations
+    iterate_status = jnp.select([~finite, (value <= target) & last_stage, stalled, spent_iterations],
+                                [DIVERGED, CONVERGED, STALLED, MAX_STEPS], RUNNING)
+    start_status = jnp.where(finite, RUNNING, DIVERGED)
+    status = jnp.where(step.iterated, iterate_status, jnp.where(step.started, start_status, a.status))
+    status = jnp.where((status == RUNNING) & (evaluations >= rules.max_evaluations), MAX_STEPS, status)
+
+    failed = (status == STALLED) | (status == DIVERGED)
+    again = failed & (a.attempt < rules.retries) & ~spent_iterations & (evaluations < rules.max_evaluations)
+    status = jnp.where(again, RUNNING, jnp.where(status == STALLED, MAX_STEPS, status))
+    next_stage = (status == RUNNING) & step.iterated & ~again & (done % rules.stage_iterations == 0)
+    if rules.stages == 1:  # no prior: one stage, and the iteration budget ends it
+        next_stage = jnp.zeros((), bool)
+    moved = step.iterated | step.started
+    a = Attempt(best=jnp.where(take, point, a.best), best_value=jnp.where(take, value, a.best_value),
+                current=jnp.where(moved, point, a.current), current_value=jnp.where(moved, value, a.current_value),
+                iterations=iterations,
+                evaluations=evaluations, status=status, attempt=a.attempt + again,
+                attempt_start=jnp.where(again, iterations, a.attempt_start), attempt_value=attempt_value,
+                stage_start=next_stage | (a.stage_start & ~step.started))
+    return a, again, again | next_stage
