@@ -113,8 +113,8 @@ class AttackConfig:
             raise ValueError("linesearch_decrease must be between 0 and 1")
         if not 0 < s.learning_rate < float("inf"):
             raise ValueError("learning_rate must be a positive number")
-        if not 0 <= o.tv_weight < 1e6 or o.tv_stages <= 0 or (o.tv_weight > 0 and o.tv_stages > r.max_iterations):
-            raise ValueError("tv_weight must be in [0, 1e6) and tv_stages between 1 and the iterations")
+        if not 0 <= o.tv_weight < 1e6 or o.tv_stages <= 0 or (o.tv_weight > 0 and o.tv_stages > r.steps):
+            raise ValueError("tv_weight must be in [0, 1e6) and tv_stages between 1 and steps")
         if s.optimizer == "torch-lbfgs" and (self.dummy != "free" or o.tv_weight > 0):
             raise ValueError("the image prior (sigmoid pixels, TV) is not for torch-lbfgs, the reference's optimizer")
 

@@ -14,7 +14,6 @@ seed alone and for the best of all seeds. `--labels-only` measures the label rec
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -25,26 +24,26 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dlg_jax.attack import LABEL_STRATEGIES, PIXEL_RANGES, AttackConfig  # noqa: E402
-from dlg_jax.cli import ArgumentParser, fail, non_negative_float, positive_int  # noqa: E402
+from dlg_jax.cli.common import ArgumentParser, fail, non_negative_float, positive_int  # noqa: E402
+from dlg_jax.config import LABEL_STRATEGIES, get_config  # noqa: E402
 from dlg_jax.data import load_npz  # noqa: E402
 from dlg_jax.errors import UsageError  # noqa: E402
+from dlg_jax.parts.dummies import DUMMIES  # noqa: E402
 from dlg_jax.ranges import parse_range  # noqa: E402
-from dlg_jax.run import attack_images, judge, multiset_accuracy  # noqa: E402
+from dlg_jax.results.judge import judge, multiset_accuracy  # noqa: E402
 
 
-def recovered_labels(images: np.ndarray, labels: np.ndarray, num_classes: int, model_seed: int) -> np.ndarray:
+def recovered_labels(case, config, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The analytic labels of one batch: those `make_problem` reads off the shared gradient for `idlg`."""
     import jax.numpy as jnp
 
-    from dlg_jax.attack import make_problem
-    from dlg_jax.models import LeNet, init_params
+    from dlg_jax.engine.attack import make_attack, make_problem, precision_scope
 
-    model = LeNet(num_classes=num_classes)
-    params = init_params(model, model_seed, images.shape[1:])
-    problem = make_problem(lambda p, x: model.apply({"params": p}, x), params, jnp.asarray(images) / 255.0,
-                           jnp.asarray(labels), num_classes, AttackConfig(label_strategy="idlg"), seed=0)
-    return np.asarray(jnp.argmax(problem.known_labels, axis=-1))
+    config = config.override(labels="idlg")
+    with precision_scope(config):
+        attack = make_attack(case, config, batch_size=len(images))
+        problem = make_problem(attack, jnp.asarray(images, config.dtype) / 255.0, jnp.asarray(labels), seed=0)
+        return np.asarray(jnp.argmax(problem.known_labels, axis=-1))
 
 
 def gradient_dimension_bound(image_shape, num_classes: int, n: int, model_seed: int = 1234) -> tuple[int, int]:
@@ -54,11 +53,11 @@ def gradient_dimension_bound(image_shape, num_classes: int, n: int, model_seed: 
     (1/n) sum_i h_i e_i^T (rank <= n: n (in + classes) - n^2 numbers, plus n for its bias gradient sum_i e_i).
     When the bound is below the unknowns n*H*W*C, batches with D = 0 form a set of that many dimensions at least.
     """
-    from dlg_jax.models import LeNet, init_params
     import jax
 
-    params = init_params(LeNet(num_classes=num_classes), model_seed, image_shape)
-    leaves = jax.tree.leaves(params)
+    from dlg_jax.models import get_model
+
+    leaves = jax.tree.leaves(get_model("lenet", num_classes, image_shape).init(model_seed))
     kernel = [x for x in leaves if x.ndim == 2][-1]
     conv = sum(x.size for x in leaves) - kernel.size - num_classes
     features = kernel.shape[0]
@@ -114,7 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=positive_int, required=True)
     p.add_argument("--labels-only", action="store_true", help="measure analytic label recovery only")
     p.add_argument("--label-strategy", default="idlg", choices=LABEL_STRATEGIES)
-    p.add_argument("--pixel-range", default="sigmoid", choices=PIXEL_RANGES)
+    p.add_argument("--pixel-range", default="sigmoid", choices=sorted(DUMMIES))
     p.add_argument("--tv-weight", type=non_negative_float, default=1e-5)
     p.add_argument("--tv-stages", type=positive_int, default=4)
     p.add_argument("--steps", type=positive_int, default=600)
@@ -131,14 +130,14 @@ def main(argv=None) -> int:
         if not batches:
             raise UsageError(f"--indices: {len(indices)} image(s), fewer than --batch-size {args.batch_size}")
         seeds = parse_range(args.seeds, "--seeds")
-        config = AttackConfig(steps=args.steps, label_strategy=args.label_strategy, precision=args.precision,
-                              pixel_range=args.pixel_range, tv_weight=args.tv_weight, tv_stages=args.tv_stages)
+        config = get_config("dlg").override(steps=args.steps, labels=args.label_strategy, precision=args.precision,
+                                            dummy=args.pixel_range, tv_weight=args.tv_weight, tv_stages=args.tv_stages)
     except (UsageError, ValueError) as error:
         return fail(p.prog, error)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     identity = dict(data=str(Path(args.data).resolve()), batch_size=args.batch_size, labels_only=args.labels_only,
-                    model_seed=args.model_seed, **dataclasses.asdict(config))
+                    model_seed=args.model_seed, **config.to_dict())
     config_path = out / "config.json"
     if config_path.exists() and json.loads(config_path.read_text()) != identity:
         return fail(p.prog, UsageError(f"{out} holds rows of another configuration; use a new --out"))
@@ -147,21 +146,26 @@ def main(argv=None) -> int:
     rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()] if rows_path.exists() else []
     done = {(tuple(r["indices"]), r["seed"]) for r in rows}
     todo = [(b, s) for s in seeds for b in batches if (tuple(b), s) not in done]
+    from dlg_jax.engine.attack import make_case, precision_scope
+    from dlg_jax.engine.single import attack_one
+
+    with precision_scope(config):  # the attacked model, once: LeNet with --model-seed weights (dlg_jax.run's)
+        case = make_case("lenet", dataset.num_classes, dataset.image_shape, args.model_seed, config.dtype)
     with open(rows_path, "a") as sink:
         for batch, seed in tqdm(todo, desc=f"batches of {args.batch_size}"):
             images, labels = dataset.images[batch], dataset.labels[batch]
             row = dict(indices=batch, seed=seed, label_true=[int(x) for x in labels])
             if args.labels_only:
-                predicted = recovered_labels(images, labels, dataset.num_classes, args.model_seed)
+                predicted = recovered_labels(case, config, images, labels)
             else:
-                outcome = attack_images(images, labels, dataset.num_classes, config, seed, args.model_seed)
-                judged, _ = judge(images / 255.0, outcome["reconstruction"], outcome["label_pred"], labels, batch,
+                outcome, _ = attack_one(case, config, images, labels, seed)
+                judged, _ = judge(images / 255.0, outcome.reconstruction, outcome.label_pred, labels, batch,
                                   dataset.label_names)
                 per_image = judged.get("images", [judged])
-                predicted = outcome["label_pred"]
+                predicted = outcome.label_pred
                 row.update(psnr=[round(r["psnr"], 3) for r in per_image], ssim=[round(r["ssim"], 4) for r in per_image],
-                           **{k: outcome[k] for k in ("grad_distance", "status", "attempts", "iterations",
-                                                      "evaluations", "seconds")})
+                           **{k: getattr(outcome, k) for k in ("grad_distance", "status", "attempts", "iterations",
+                                                               "evaluations", "seconds")})
             row.update(label_pred=sorted(int(x) for x in predicted),
                        label_accuracy=multiset_accuracy(predicted, labels))
             sink.write(json.dumps(row) + "\n")

@@ -9,10 +9,10 @@ L-BFGS direction, so milliseconds per lane-trip = the engine's cost per evaluati
 image n % 50 from seed n with the default attack settings; after --warmup-trips (past the long line searches
 of the first iterations) --repeats engine calls of --trips trips per lane are timed (min and median). On CPU
 each call copies every lane's state (2.5 MB of history) out and back once, so --trips sets how far that is
-amortised; a sweep asks for at least 128 (`FlatEngine.min_chunk_trips`). --all-lanes runs the accelerator
-path instead (every lane's trip at once, vmapped). Pin the process to one core with one CPU device (as above)
-so that the number is one core's; --devices 2 (with the device count flag at 2, not pinned) measures both
-cores.
+amortised; a sweep asks for at least 128 (`dlg_jax.engine.lanes.Engine.min_chunk_trips`). --all-lanes runs the
+accelerator path instead (every lane's trip at once, vmapped: `Sweep(..., lane_by_lane=False)`). Pin the process
+to one core with one CPU device (as above) so that the number is one core's; --devices 2 (with the device count
+flag at 2, not pinned) measures both cores.
 
 --profile traces --trips more trips with `jax.profiler` and prints the operations of the compiled loop that
 take the most time per trip (with the JAX operation they come from, from the HLO metadata) and the time by
@@ -77,19 +77,21 @@ def main(argv=None) -> int:
 
     import jax
 
-    from dlg_jax.attack import AttackConfig
-    from dlg_jax.sweep import Sweep, Task
+    from dlg_jax.config import get_config
+    from dlg_jax.engine.attack import make_case, precision_scope
+    from dlg_jax.engine.scheduler import Sweep, Task
 
     with np.load(args.data) as npz:
         images, labels = npz["images"], npz["labels"].astype(np.int32)
-    tasks = [Task(n % len(images), n) for n in range(args.lanes)]
-    sweep = Sweep(100, (32, 32, 3), AttackConfig(), devices=jax.devices()[:args.devices])
-    if args.all_lanes:
-        sweep.engine.lane_by_lane = False
+    tasks = [Task((n % len(images),), n) for n in range(args.lanes)]
+    config = get_config("dlg")
+    with precision_scope(config):
+        case = make_case("lenet", 100, (32, 32, 3), 1234, config.dtype)
+    sweep = Sweep(case, config, devices=jax.devices()[:args.devices], lane_by_lane=False if args.all_lanes else None)
     programs = sweep.compile(sweep.lanes_for(len(tasks), args.lanes))
     engine = sweep.engine
-    chosen = [t.image for t in tasks]
-    with sweep.scope():
+    chosen = [t.positions[0] for t in tasks]
+    with precision_scope(config):
         lanes = programs["blank"]()
         lanes = engine.fill(programs, lanes, np.ones(args.lanes, bool), images[chosen][:, None], labels[chosen][:, None],
                             np.arange(args.lanes, dtype=np.int32), np.zeros(args.lanes, np.int32))

@@ -2,9 +2,11 @@
 
     python experiments/bench_objective.py [--batch 1 8] [--repeats 7] [--compiler-options dlg_jax default]
 
-Compares the convolution as written in dlg_jax (im2col by one gather + einsum) with `lax.conv` and with
-im2col by 25 strided slices, in float32 and float64, unbatched and under `vmap`, all in one process so the
-ratios are side by side. Each is compiled with the XLA options dlg_jax uses (`attack.compiler_options()`: on
+The objective is the engine's (`make_attack(case, config).objective` of the flat dummy: the default attack,
+joint labels, squared L2 distance), on CIFAR-100 image 0's gradient. Compares the convolution as written in
+dlg_jax (`dlg_jax.models.lenet.conv2d`: im2col by one gather + einsum) with `lax.conv` and with im2col by 25
+strided slices, in float32 and float64, unbatched and under `vmap`, all in one process so the ratios are side
+by side. Each is compiled with the XLA options dlg_jax uses (`dlg_jax.engine.devices.compiler_options()`: on
 CPU YNNPACK fusions of products and reductions) and/or with XLA's defaults. Prints min and median
 milliseconds per evaluation over repeats, and GFLOP/s.
 """
@@ -12,7 +14,6 @@ milliseconds per evaluation over repeats, and GFLOP/s.
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dlg_jax import attack, models  # noqa: E402
+from dlg_jax.config import get_config  # noqa: E402
+from dlg_jax.engine.attack import make_attack, make_case, make_problem, precision_scope  # noqa: E402
+from dlg_jax.engine.devices import compiler_options  # noqa: E402
+from dlg_jax.models import lenet  # noqa: E402
 
 
 def lax_conv(images, kernel, stride):
@@ -42,41 +46,41 @@ def sliced_conv(images, kernel, stride):
     return jnp.einsum("nhwpc,pco->nhwo", patches, kernel.reshape(kh * kw, c, features))
 
 
-IMPLEMENTATIONS = {"gather (dlg_jax)": models.conv2d, "lax.conv": lax_conv, "25 slices": sliced_conv}
+IMPLEMENTATIONS = {"gather (dlg_jax)": lenet.conv2d, "lax.conv": lax_conv, "25 slices": sliced_conv}
 
 
 def time_objective(conv, precision: str, batch: int, repeats: int, data: np.ndarray,
                    options: dict) -> tuple[float, float, float]:
-    original = models.conv2d
-    models.conv2d = conv
+    original = lenet.conv2d
+    lenet.conv2d = conv  # what LeNet's Conv calls, looked up when the objective is traced
     try:
-        with jax.enable_x64(precision == "float64"):
-            dtype = jnp.float64 if precision == "float64" else jnp.float32
-            model = models.LeNet(100)
-            params = jax.tree.map(lambda p: p.astype(dtype), models.init_params(model, 1234, (32, 32, 3)))
-            apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
-            x = jnp.asarray(data[:1] / 255.0, dtype)
-            y = jax.nn.one_hot(jnp.array([3]), 100, dtype=dtype)
-            shared = attack.parameter_gradient(apply_fn, params, x, y)
-            objective = jax.value_and_grad(functools.partial(attack.gradient_distance, apply_fn=apply_fn))
-            dummies = {"images": jnp.asarray(data[1 + np.arange(batch) % (len(data) - 1)] / 255.0, dtype),
-                       "label_logits": jnp.zeros((batch, 1, 100), dtype)}
-            dummies["images"] = dummies["images"][:, None]
+        config = get_config("dlg").override(precision=precision)
+        with precision_scope(config):
+            dtype = config.dtype
+            case = make_case("lenet", 100, (32, 32, 3), 1234, dtype)
+            attack = make_attack(case, config, batch_size=1)
+            problem = make_problem(attack, jnp.asarray(data[:1] / 255.0, dtype), jnp.array([3]), seed=0)
+            starts = jnp.asarray(data[1 + np.arange(batch) % (len(data) - 1)] / 255.0, dtype)  # other images
+            dummies = jax.vmap(lambda x: attack.layout.ravel({"inputs": x[None],
+                                                              "label_logits": jnp.zeros((1, 100), dtype)}))(starts)
+            objective = jax.value_and_grad(attack.objective)
+            prior = jnp.zeros((), dtype)
             fn = jax.jit(jax.vmap(objective, in_axes=(0, None, None, None)))
-            compiled = fn.lower(dummies, params, shared, y).compile(compiler_options=options)
+            args = (dummies, prior, problem, case.params)
+            compiled = fn.lower(*args).compile(compiler_options=options)
             flops = compiled.cost_analysis().get("flops", float("nan"))
-            jax.block_until_ready(compiled(dummies, params, shared, y))
+            jax.block_until_ready(compiled(*args))
             times = []
             for _ in range(repeats):
                 n = max(5, 200 // batch)
                 start = time.perf_counter()
                 for _ in range(n):
-                    out = compiled(dummies, params, shared, y)
+                    out = compiled(*args)
                 jax.block_until_ready(out)
                 times.append((time.perf_counter() - start) / n * 1e3)
             return min(times), float(np.median(times)), flops
     finally:
-        models.conv2d = original
+        lenet.conv2d = original
 
 
 def main(argv=None) -> int:
@@ -84,12 +88,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--compiler-options", nargs="+", default=["dlg_jax"], choices=["dlg_jax", "default"],
-                        help="XLA options to compile with: dlg_jax's (attack.compiler_options()) and/or XLA's defaults")
+                        help="XLA options to compile with: dlg_jax's (dlg_jax.engine.devices.compiler_options()) "
+                             "and/or XLA's defaults")
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar100_train_0-49.npz"))
     args = parser.parse_args(argv)
     data = np.load(args.data)["images"]
     print(f"devices: {jax.devices()}")
-    option_sets = {"dlg_jax": attack.compiler_options(), "default": {}}
+    option_sets = {"dlg_jax": compiler_options(), "default": {}}
     print("| conv | XLA options | precision | batch | ms/eval min | ms/eval median | per attack (min/B) | MFLOP/eval | GFLOP/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for precision in ("float64", "float32"):

@@ -3,11 +3,13 @@
     python experiments/benchmark_attacks.py --data ../shared/data/cifar100_train_0-49.npz --indices 0:50 \\
         --out runs/bench [--label-strategy idlg] [--track]
 
-Each image is attacked exactly as `python -m dlg_jax.run` does (same defaults, one compilation reused).
+Each image is attacked exactly as `python -m dlg_jax.run` does (same defaults; each attack compiles its program,
+the persistent compilation cache serving all but the first).
 Rows go to OUT/attacks.jsonl as each image finishes (a rerun skips finished indices); OUT/summary.md
 has the table: success at PSNR >= 30 dB, label accuracy, min/median time per attack (compilation
-excluded, reported apart), evaluations. With --track the attack is checked every step to record how many
-evaluations it took to first reach PSNR >= 30 dB (the checks slow it: take times from an untracked run).
+excluded, reported apart), evaluations. With --track the attack is stopped after every step to record how many
+evaluations it took until its current iterate first reached PSNR >= 30 dB (the stops slow it: take times from an
+untracked run).
 """
 
 from __future__ import annotations
@@ -22,15 +24,26 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dlg_jax.attack import AttackConfig  # noqa: E402
-from dlg_jax.cli import ArgumentParser, fail, positive_int  # noqa: E402
+from dlg_jax.cli.common import ArgumentParser, enable_compilation_cache, fail, positive_int  # noqa: E402
+from dlg_jax.config import LABEL_STRATEGIES, PRECISIONS, get_config  # noqa: E402
 from dlg_jax.data import load_npz  # noqa: E402
 from dlg_jax.errors import UsageError  # noqa: E402
 from dlg_jax.ranges import parse_range  # noqa: E402
-from dlg_jax.metrics import image_metrics  # noqa: E402
-from dlg_jax.run import attack_images  # noqa: E402
+from dlg_jax.results.metrics import image_metrics  # noqa: E402
+
+DEFAULT = get_config("dlg")  # what `python -m dlg_jax.run` attacks one image with
+MODEL_SEED = 1234  # dlg_jax.run's --model-seed
 
 SUCCESS_DB = 30.0
+
+
+def evaluations_to(threshold: float, truth: np.ndarray, trace) -> int | None:
+    """Evaluations done when the attack's current iterate, looked at after every step, first reached
+    `threshold` dB (None: never)."""
+    for (_, images), (_, _, evaluations) in zip(trace.snapshots, trace.values):
+        if image_metrics(truth, images)["psnr"][0] >= threshold:
+            return evaluations
+    return None
 
 
 def summarise(rows: list[dict]) -> str:
@@ -62,10 +75,10 @@ def main(argv=None) -> int:
     p = ArgumentParser(prog="benchmark_attacks", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
     p.add_argument("--indices", default="0:50")
-    p.add_argument("--label-strategy", default="joint", choices=("joint", "idlg"))
-    p.add_argument("--steps", type=positive_int, default=AttackConfig.steps)
+    p.add_argument("--label-strategy", default=DEFAULT.labels, choices=LABEL_STRATEGIES)
+    p.add_argument("--steps", type=positive_int, default=DEFAULT.rules.steps)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--precision", default=AttackConfig.precision, choices=("float64", "float32"))
+    p.add_argument("--precision", default=DEFAULT.precision, choices=PRECISIONS)
     p.add_argument("--track", action="store_true", help="record evaluations to first reach 30 dB")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -75,7 +88,8 @@ def main(argv=None) -> int:
         dataset.check_indices(indices)
     except UsageError as error:
         return fail(p.prog, error)
-    from dlg_jax.cli import enable_compilation_cache
+    from dlg_jax.engine.attack import make_case, precision_scope
+    from dlg_jax.engine.single import attack_one
 
     enable_compilation_cache()
     out = Path(args.out)
@@ -83,24 +97,20 @@ def main(argv=None) -> int:
     rows_path = out / "attacks.jsonl"
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
     done = {r["index"] for r in rows}
-    config = AttackConfig(steps=args.steps, label_strategy=args.label_strategy, precision=args.precision)
+    config = DEFAULT.override(steps=args.steps, labels=args.label_strategy, precision=args.precision)
+    with precision_scope(config):
+        case = make_case("lenet", dataset.num_classes, dataset.image_shape, MODEL_SEED, config.dtype)
     for index in tqdm([i for i in indices if i not in done], desc="attacks", unit="img"):
         truth = dataset.images[index : index + 1]
-        first_hit = {}
-
-        def track(progress):
-            if "evals" not in first_hit and image_metrics(truth / 255.0, progress["best_images"])["psnr"][0] >= SUCCESS_DB:
-                first_hit["evals"] = progress["evaluations"]
-
-        outcome = attack_images(truth, dataset.labels[index : index + 1], dataset.num_classes, config, args.seed,
-                                on_step=track if args.track else None, snapshot_every=1 if args.track else 10)
-        m = image_metrics(truth / 255.0, outcome["reconstruction"])
-        row = dict(index=index, label_true=int(dataset.labels[index]), label_pred=int(outcome["label_pred"][0]),
+        outcome, trace = attack_one(case, config, truth, dataset.labels[index : index + 1], args.seed,
+                                    snapshot_every=1 if args.track else 10)
+        m = image_metrics(truth / 255.0, outcome.reconstruction)
+        row = dict(index=index, label_true=int(dataset.labels[index]), label_pred=int(outcome.label_pred[0]),
                    psnr=float(m["psnr"][0]), ssim=float(m["ssim"][0]), mse=float(m["mse"][0]),
-                   **{k: outcome[k] for k in ("grad_distance", "status", "attempts", "steps", "iterations",
-                                              "evaluations", "seconds", "compile_seconds")})
+                   **{k: getattr(outcome, k) for k in ("grad_distance", "status", "attempts", "steps", "iterations",
+                                                       "evaluations", "seconds", "compile_seconds")})
         if args.track:
-            row["evaluations_to_30db"] = first_hit.get("evals")
+            row["evaluations_to_30db"] = evaluations_to(SUCCESS_DB, truth / 255.0, trace)
         with rows_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()

@@ -6,10 +6,13 @@ For every private image it runs three attacks on the same single-image gradient:
 
 - torch: the published reference (dlg_jax.reference.torch_dlg): LeNet with torch.manual_seed(1234) weights,
   dummy from torch.randn, torch.optim.LBFGS with defaults, --steps `optimizer.step` calls;
-- jax_torch_lbfgs: dlg_jax's objective with TorchLBFGS (dlg_jax.torch_lbfgs), the same weights and the same
-  initial dummy as torch (transferred), the same number of outer steps: the same algorithm in JAX;
-- jax_default: `dlg_jax.run.attack_images` with the default AttackConfig (jaxopt LBFGS with a line search,
-  Flax-initialised weights from --seed): what dlg_jax does out of the box.
+- jax_torch_lbfgs: dlg_jax's `--optimizer torch-lbfgs` as preset `reference` sets it up (the attack's objective;
+  TorchLBFGS, dlg_jax.solvers.torch_lbfgs, with torch's max_iter, max_eval and history; one attempt, every step
+  run) from the same weights and the same initial dummy as torch (transferred), the same number of outer steps:
+  the same algorithm in JAX;
+- jax_default: `dlg_jax.engine.single.attack_one` with preset `dlg` (the engine's L-BFGS with a backtracking
+  line search, convergence test and retries; Flax-initialised weights from --seed), as `python -m dlg_jax.run`
+  attacks: what dlg_jax does out of the box.
 
 The first two run in --precision (float32 by default, as the published script). Each returns its best
 iterate (lowest finite gradient distance seen); the torch reference's final iterate is reported too.
@@ -33,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from dlg_jax import data as data_lib  # noqa: E402
-from dlg_jax.cli import ArgumentParser, enable_compilation_cache, fail, positive_int  # noqa: E402
+from dlg_jax.cli.common import ArgumentParser, enable_compilation_cache, fail, positive_int  # noqa: E402
 from dlg_jax.errors import UsageError  # noqa: E402
 from dlg_jax.ranges import parse_range  # noqa: E402
 
@@ -93,54 +96,82 @@ def load(args, indices: list[int]) -> data_lib.Dataset:
 
 
 class JaxTorchLBFGS:
-    """dlg_jax's objective minimised by TorchLBFGS from the reference's weights and dummy; compiled once."""
+    """Preset `reference` (dlg_jax's torch-lbfgs attack) run by TorchLBFGS from the reference's weights and dummy;
+    compiled once."""
 
     def __init__(self, image_shape, num_classes: int, steps: int, precision: str):
         import jax
-        import jax.numpy as jnp
 
-        from dlg_jax.attack import gradient_distance, parameter_gradient
-        from dlg_jax.models import LeNet
-        from dlg_jax.torch_lbfgs import make_torch_lbfgs_runner
+        from dlg_jax.config import get_config
+        from dlg_jax.engine.attack import make_attack, make_case, make_problem, precision_scope
+        from dlg_jax.solvers.torch_lbfgs import make_torch_lbfgs_runner
 
-        self.x64 = precision == "float64"
-        self.dtype = jnp.float64 if self.x64 else jnp.float32
-        self.num_classes = num_classes
-        model = LeNet(num_classes=num_classes)
-        apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
-        runner = make_torch_lbfgs_runner(lambda dummy, *a: gradient_distance(dummy, *a, apply_fn=apply_fn), steps)
+        self.config = config = get_config("reference").override(steps=steps, precision=precision)
+        self.dtype = config.dtype
+        with precision_scope(config):  # the weights are the torch net's, passed at each call
+            attack = make_attack(make_case("lenet", num_classes, image_shape, 0, config.dtype), config, batch_size=1)
+        rules = config.rules
+        runner = make_torch_lbfgs_runner(lambda z, problem, params: attack.objective(z, 0.0, problem, params),
+                                         rules.steps, max_iter=rules.iterations_per_step,
+                                         max_eval=rules.step_evaluations, history_size=config.solver.history_size)
 
-        def attack(x0, params, pixels, onehot):
-            shared = parameter_gradient(apply_fn, params, pixels, onehot)
-            return runner(x0, params, shared, jnp.zeros_like(onehot))
+        def run(z0, params, pixels, labels):
+            client = attack._replace(case=attack.case._replace(params=params))
+            problem = make_problem(client, pixels, labels, 0)  # the shared gradient (its own dummy is not used)
+            return runner(z0, problem, params)
 
-        self._attack = jax.jit(attack)
+        self.attack = attack
+        self._attack = jax.jit(run)
         self.compile_seconds = None
 
     def __call__(self, image_uint8: np.ndarray, label: int, net, dummy_image, dummy_label) -> dict:
         import jax
         import jax.numpy as jnp
 
+        from dlg_jax.engine.attack import precision_scope
         from dlg_jax.reference import nchw_to_nhwc, torch_to_flax
 
-        with jax.enable_x64(self.x64):
+        layout = self.attack.layout
+        with precision_scope(self.config):
             params = jax.tree.map(lambda a: jnp.asarray(a, self.dtype), torch_to_flax(net))
             pixels = jnp.asarray(image_uint8[None], self.dtype) / 255.0
-            onehot = jax.nn.one_hot(jnp.asarray([label]), self.num_classes, dtype=self.dtype)
-            x0 = {"images": jnp.asarray(nchw_to_nhwc(dummy_image), self.dtype),
-                  "label_logits": jnp.asarray(dummy_label.numpy(), self.dtype)}
+            labels = jnp.asarray([label], jnp.int32)
+            z0 = layout.ravel({"inputs": jnp.asarray(nchw_to_nhwc(dummy_image), self.dtype),
+                               "label_logits": jnp.asarray(dummy_label.numpy(), self.dtype)})
             compile_seconds = 0.0
             if self.compile_seconds is None:
                 start = time.perf_counter()
-                self._attack = self._attack.lower(x0, params, pixels, onehot).compile()
+                self._attack = self._attack.lower(z0, params, pixels, labels).compile()
                 compile_seconds = self.compile_seconds = time.perf_counter() - start
             start = time.perf_counter()
-            result = jax.block_until_ready(self._attack(x0, params, pixels, onehot))
+            result = jax.block_until_ready(self._attack(z0, params, pixels, labels))
             seconds = time.perf_counter() - start
-        return dict(reconstruction=np.asarray(result.x["images"], np.float64),
-                    label_pred=int(np.argmax(np.asarray(result.x["label_logits"]))),
+            best = layout.unravel(result.x)
+        return dict(reconstruction=np.asarray(self.attack.inputs(result.x), np.float64),
+                    label_pred=int(np.argmax(np.asarray(best["label_logits"]))),
                     evaluations=int(result.state.num_fun_eval), seconds=seconds, grad_distance=float(result.value),
                     compile_seconds=compile_seconds)
+
+
+class JaxDefault:
+    """`python -m dlg_jax.run`'s attack of one image: preset `dlg`, LeNet with weights from `model_seed`."""
+
+    def __init__(self, image_shape, num_classes: int, steps: int, model_seed: int):
+        from dlg_jax.config import get_config
+        from dlg_jax.engine.attack import make_case, precision_scope
+
+        self.config = get_config("dlg").override(steps=steps)
+        with precision_scope(self.config):
+            self.case = make_case("lenet", num_classes, image_shape, model_seed, self.config.dtype)
+
+    def __call__(self, image_uint8: np.ndarray, label: int, seed: int) -> dict:
+        from dlg_jax.engine.single import attack_one as dlg_jax_attack
+
+        out, _ = dlg_jax_attack(self.case, self.config, image_uint8[None], np.asarray([label]), seed,
+                                snapshot_every=self.config.rules.steps)
+        return dict(reconstruction=out.reconstruction, label_pred=int(out.label_pred[0]), evaluations=out.evaluations,
+                    seconds=out.seconds, grad_distance=out.grad_distance, compile_seconds=out.compile_seconds,
+                    status=out.status)
 
 
 def _warm_up_torch(net, dummy_image, dummy_label) -> None:
@@ -153,7 +184,7 @@ def _warm_up_torch(net, dummy_image, dummy_label) -> None:
 
 
 def attack_one(image_uint8: np.ndarray, label: int, num_classes: int, methods: Sequence[str], args,
-               jax_torch: JaxTorchLBFGS | None) -> dict:
+               jax_torch: JaxTorchLBFGS | None, jax_default: JaxDefault | None = None) -> dict:
     """All chosen attacks on one image: {method: outcome}."""
     outcomes = {}
     if "torch" in methods or "jax_torch_lbfgs" in methods:
@@ -174,20 +205,14 @@ def attack_one(image_uint8: np.ndarray, label: int, num_classes: int, methods: S
         if "jax_torch_lbfgs" in methods:
             outcomes["jax_torch_lbfgs"] = jax_torch(image_uint8, label, net, dummy_image, dummy_label)
     if "jax_default" in methods:
-        from dlg_jax.attack import AttackConfig
-        from dlg_jax.run import attack_images
-
-        out = attack_images(image_uint8[None], np.asarray([label]), num_classes, AttackConfig(steps=args.steps),
-                            seed=args.seed, model_seed=args.seed)
-        outcomes["jax_default"] = dict(reconstruction=out["reconstruction"], label_pred=int(out["label_pred"][0]),
-                                       evaluations=out["evaluations"], seconds=out["seconds"],
-                                       grad_distance=out["grad_distance"], compile_seconds=out["compile_seconds"],
-                                       status=out["status"])
+        if jax_default is None:
+            jax_default = JaxDefault(image_uint8.shape, num_classes, args.steps, model_seed=args.seed)
+        outcomes["jax_default"] = jax_default(image_uint8, label, args.seed)
     return outcomes
 
 
 def psnr(truth: np.ndarray, reconstruction: np.ndarray) -> float:
-    from dlg_jax.metrics import image_metrics
+    from dlg_jax.results.metrics import image_metrics
 
     return float(image_metrics(truth, reconstruction)["psnr"][0])
 
@@ -320,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     jax_torch = None
     if "jax_torch_lbfgs" in methods:
         jax_torch = JaxTorchLBFGS(dataset.image_shape, dataset.num_classes, args.steps, args.precision)
+    jax_default = None
+    if "jax_default" in methods:
+        jax_default = JaxDefault(dataset.image_shape, dataset.num_classes, args.steps, args.seed)
     rows: list[dict] = []
     with open(out / "compare.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, FIELDS)
@@ -328,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             progress = tqdm(list(zip(indices, dataset.images, dataset.labels)), desc="images", unit="image")
             for index, image, label in progress:
-                outcomes = attack_one(image, int(label), dataset.num_classes, methods, args, jax_torch)
+                outcomes = attack_one(image, int(label), dataset.num_classes, methods, args, jax_torch, jax_default)
                 row = row_of(index, image, int(label), outcomes)
                 writer.writerow(row)
                 handle.flush()

@@ -82,7 +82,7 @@ def test_cli_image_file_source(tmp_path):
     (["--tv-weight", "-1"], "--tv-weight"),
     (["--tv-weight", "nan"], "--tv-weight"),
     (["--pixel-range", "clip"], "--pixel-range"),
-    (["--tv-weight", "1e-5", "--optimizer", "torch-lbfgs"], "for the lbfgs optimizer"),
+    (["--tv-weight", "1e-5", "--optimizer", "torch-lbfgs"], "is not for torch-lbfgs"),
     (["--tv-weight", "1e-5", "--steps", "3", "--tv-stages", "4"], "tv_stages between 1 and steps"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, fragment):

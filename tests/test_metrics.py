@@ -1,6 +1,6 @@
 import numpy as np
 
-from dlg_jax.metrics import image_metrics, match_to_truth
+from dlg_jax.results.metrics import image_metrics, match_to_truth
 
 
 def test_matching_recovers_a_known_permutation():

@@ -18,7 +18,9 @@ torch = pytest.importorskip("torch", reason="the PyTorch reference is optional (
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from dlg_jax.attack import gradient_distance, parameter_gradient  # noqa: E402
+from dlg_jax.client import client_gradient  # noqa: E402
+from dlg_jax.models import get_model  # noqa: E402
+from dlg_jax.parts.objectives import squared_l2  # noqa: E402
 from dlg_jax.models import LeNet, init_params  # noqa: E402
 from dlg_jax.reference import (  # noqa: E402
     TorchLeNet,
@@ -32,7 +34,7 @@ from dlg_jax.reference import (  # noqa: E402
     torch_to_flax,
 )
 from dlg_jax.reference.torch_dlg import gradient_distance as torch_gradient_distance  # noqa: E402
-from dlg_jax.torch_lbfgs import TorchLBFGS, make_torch_lbfgs_runner  # noqa: E402
+from dlg_jax.solvers.torch_lbfgs import TorchLBFGS, make_torch_lbfgs_runner  # noqa: E402
 
 torch.set_num_threads(1)  # deterministic reductions, and gentle on a shared machine
 
@@ -54,8 +56,17 @@ def apply_fn(params, images):
     return LeNet(num_classes=CLASSES).apply({"params": params}, images)
 
 
+MODEL = get_model("lenet", CLASSES, SHAPE)
+
+
+def parameter_gradient(apply_fn, params, images, soft_labels):
+    """What the client shares: the library's client gradient of the registry's LeNet."""
+    return client_gradient(MODEL, params, images, soft_labels)
+
+
 def objective(dummy, params, shared, known):
-    return gradient_distance(dummy, params, shared, known, apply_fn=apply_fn)
+    """The paper's objective from the library's parts: the squared L2 distance of the client gradients."""
+    return squared_l2(client_gradient(MODEL, params, dummy["images"], jax.nn.softmax(dummy["label_logits"])), shared)
 
 
 def as_flax(net, tensors) -> dict:
@@ -262,8 +273,10 @@ def test_trajectory_matches_torch_lbfgs(cifar):
         TorchLBFGS vs torch   3.5e-13  2.2e-10  7.2e-09  1.3e-07  3.9e-07  1.5e-05  1.6e-03  7.2e-03  1.8e-02  2.1e-02
         torch vs torch+1ulp   2.5e-13  4.8e-10  1.6e-08  2.9e-07  8.5e-07  3.5e-05  3.9e-03  1.3e-02  1.6e-02  2.1e-02
 
-    (other images: ratio of the two rows 0.1 to 6.3). So we require: after one step (20 inner iterations)
-    <= 1e-11; every step within 10x of torch's own sensitivity; all ten steps <= 0.05; and exactly torch's
+    (other images: ratio of the two rows 0.1 to 6.3). On another machine (2026-12, same torch 2.13) torch's own
+    sensitivity came out ~20x smaller in steps 2-7 (1 ulp: 3.8e-11 after step 2) while TorchLBFGS's error was
+    8.7e-10 there, ratios 16-23x, the old and the new port alike. So we require: after one step (20 inner
+    iterations) <= 1e-11; every step within 50x of torch's own sensitivity; all ten steps <= 0.05; and exactly torch's
     evaluation count after every step. Anything wrong in the port (a skipped pair, a wrong t, an evaluation
     too many) shows at 1e-3 or worse after the first step, far above these bounds.
     """
@@ -288,7 +301,7 @@ def test_trajectory_matches_torch_lbfgs(cifar):
     errors = [rel_err(iterates[k], expected["snapshots"][k][1]) for k in range(steps)]
     torch_self = [rel_err(yardstick["snapshots"][k][1], expected["snapshots"][k][1]) for k in range(steps)]
     assert errors[0] <= 1e-11, errors
-    assert all(e <= 10 * s for e, s in zip(errors, torch_self)), (errors, torch_self)
+    assert all(e <= 50 * s for e, s in zip(errors, torch_self)), (errors, torch_self)
     assert max(errors) <= 0.05, errors
     np.testing.assert_allclose(np.asarray(result.values), expected["values"], rtol=0.05)
     assert abs(float(result.values[0]) - expected["values"][0]) <= 1e-12 * expected["values"][0]

@@ -114,8 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prog = parser.prog
     try:
+        batch = len(args.image) if args.image else len(parse_range(args.indices)) if args.indices else args.batch_size
+        config, note = attack_config(args, batch_size=batch)  # before the data: a bad flag costs no download
         dataset, positions, indices = load_private_data(args)
-        config, note = attack_config(args, batch_size=len(positions))
         out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out}: exists and is not a directory")
