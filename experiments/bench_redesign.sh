@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The engine redesign side by side with the commit before it (issue 14's benchmark), in one run on this machine.
+#   OLD=/path/to/old/checkout bash experiments/bench_redesign.sh > experiments/results/bench_redesign.log
+# Needs ../shared/data. Each measurement alternates old and new so that machine noise hits both alike.
+set -euo pipefail
+NEW=$(cd "$(dirname "$0")/.." && pwd)
+OLD=${OLD:?set OLD to a checkout of the commit before the redesign}
+D=$NEW/../shared/data/cifar100_train_0-49.npz
+T=$(mktemp -d)
+echo "# 50-image sweep, --processes 2 (attacks/hour of attack time, from summary.json)"
+for run in 1 2; do
+  for side in old new; do
+    root=$OLD; [ $side = new ] && root=$NEW
+    (cd "$T" && PYTHONPATH=$root python -m dlg_jax.sweep --data "$D" --indices 0:50 --batch 64 --processes 2 --quiet \
+      --out "$T/sweep-$side-$run" | tail -1 | sed "s/^/$side run $run: /")
+  done
+done
+echo "# One attack at a time (the 50 images one by one, default attack): seconds per attack"
+ONE_OLD='
+import sys, time, numpy as np
+from dlg_jax.attack import AttackConfig
+from dlg_jax.cli import enable_compilation_cache
+from dlg_jax.run import attack_images
+enable_compilation_cache()
+d = np.load(sys.argv[1]); secs = []; ok = 0
+for i in range(50):
+    o = attack_images(d["images"][i:i+1], d["labels"][i:i+1], 100, AttackConfig())
+    secs.append(o["seconds"]); ok += o["status"] == "converged"
+print(f"old: median {np.median(secs):.3f} s, min {np.min(secs):.3f} s, total {np.sum(secs):.1f} s, {ok}/50 converged")
+'
+ONE_NEW='
+import sys, numpy as np
+from dlg_jax.cli.common import enable_compilation_cache
+from dlg_jax.config import get_config
+from dlg_jax.engine.attack import make_case
+from dlg_jax.engine.single import attack_one
+enable_compilation_cache()
+d = np.load(sys.argv[1]); case = make_case("lenet", 100, (32, 32, 3), 1234)
+config = get_config("dlg").override(optimizer=sys.argv[2])
+secs = []; ok = 0
+for i in range(50):
+    o, _ = attack_one(case, config, d["images"][i:i+1], d["labels"][i:i+1], 1234)
+    secs.append(o.seconds); ok += o.status == "converged"
+print(f"new {sys.argv[2]}: median {np.median(secs):.3f} s, min {np.min(secs):.3f} s, total {np.sum(secs):.1f} s, {ok}/50 converged")
+'
+(cd "$T" && PYTHONPATH=$OLD python -c "$ONE_OLD" "$D")
+(cd "$T" && PYTHONPATH=$NEW python -c "$ONE_NEW" "$D" lbfgs)
+(cd "$T" && PYTHONPATH=$NEW python -c "$ONE_NEW" "$D" jaxopt-lbfgs)
+echo "# Batch recipe (N = 4, idlg, sigmoid, TV 1e-5 in 4 stages), 4 batches (images 0-15), 150 steps, --processes 2"
+for side in old new; do
+  root=$OLD; [ $side = new ] && root=$NEW
+  start=$(date +%s.%N)
+  (cd "$T" && PYTHONPATH=$root python -m dlg_jax.sweep --data "$D" --indices 0:16 --batch-size 4 --label-strategy idlg \
+     --pixel-range sigmoid --tv-weight 1e-5 --tv-stages 4 --steps 150 --batch 4 --processes 2 --quiet \
+     --out "$T/batch-$side" | tail -1 | sed "s/^/$side: /")
+  python - "$T/batch-$side" "$start" <<'PY'
+import json, sys, time, glob
+rows = [json.loads(l) for f in glob.glob(sys.argv[1] + "/results*.jsonl") for l in open(f)]
+print(f"  wall {time.time() - float(sys.argv[2]):.0f} s, evaluations {sum(r['evaluations'] for r in rows)}, "
+      f"attack seconds (slowest worker) {json.load(open(sys.argv[1] + '/summary.json'))['summary']['attack_seconds']:.1f}, "
+      f"mean matched PSNR {sum(r['psnr'] for r in rows) / len(rows):.2f} dB")
+PY
+done
+rm -rf "$T"
