@@ -1,8 +1,8 @@
 """One attack, with snapshots along the way: the engine with one lane (or jaxopt's own LBFGS, on request).
 
 Why one lane of the engine and not a direct loop: it is the same code as every sweep (one path to test), and
-it is faster: the direct jaxopt path (`--optimizer jaxopt-lbfgs`) took 1.3x the engine's time per attack on
-the shared CIFAR-100 images (README, "One attack"), its two-loop recursion costing as much as an evaluation.
+it is faster than the direct jaxopt path (`--optimizer jaxopt-lbfgs`), whose two-loop recursion costs as much
+as an evaluation: median 1.73 s against 2.03 s per attack on images 0-19 (experiments/results/bench_redesign.md).
 """
 
 from __future__ import annotations
