@@ -107,6 +107,8 @@ class AttackConfig:
         if min(r.steps, r.iterations_per_step, r.step_evaluations, s.history_size, s.max_linesearch_steps) <= 0:
             raise ValueError("steps, iterations_per_step, evaluations_per_step, history_size and "
                              "max_linesearch_steps must be positive")
+        if r.max_evaluations >= 2**31 or r.max_iterations >= 2**31:
+            raise ValueError(f"steps x evaluations per step ({r.max_evaluations}) must stay below 2^31 (int32 counters)")
         if r.retries < 0 or r.probe_steps < 0 or not 0 <= r.tolerance < 1:
             raise ValueError("retries and probe_steps must be >= 0 and tolerance in [0, 1)")
         if not 0 < s.linesearch_decrease < 1:

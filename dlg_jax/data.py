@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Sequence
@@ -45,6 +46,17 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.images)
 
+    def content_hash(self) -> str:
+        """sha256 of the images, labels and class names: what identifies the data, wherever it lies."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for part in (np.ascontiguousarray(self.images), np.ascontiguousarray(self.labels, np.int64)):
+            digest.update(str(part.shape).encode())
+            digest.update(part.tobytes())
+        digest.update("\n".join(self.label_names).encode())
+        return digest.hexdigest()
+
     def check_indices(self, indices: Sequence[int]) -> None:
         for i in indices:
             if not 0 <= i < len(self):
@@ -68,7 +80,11 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     if not path.is_file():
         raise UsageError(f"--data {path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy under another name: one array, no keys
+            raise UsageError(f"--data {path}: not an npz archive (one array of shape {loaded.shape}); "
+                             "save images and labels with numpy.savez")
+        with loaded as npz:
             missing = [k for k in ("images", "labels") if k not in npz.files]
             if missing:
                 raise UsageError(f"--data {path}: missing key(s) {', '.join(missing)} (has {', '.join(npz.files) or 'none'})")
@@ -77,7 +93,7 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
         raise UsageError(f"--data {path}: not a readable npz ({error})") from None
     images = as_nhwc(images, f"--data {path}")
-    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    labels = integer_labels(labels, f"--data {path}")
     if len(labels) != len(images):
         raise UsageError(f"--data {path}: {len(images)} images but {len(labels)} labels")
     num_classes = len(names) if names is not None else int(labels.max()) + 1 if len(labels) else 0
@@ -87,6 +103,22 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     if len(labels) and (labels.min() < 0 or labels.max() >= len(label_names)):
         raise UsageError(f"--data {path}: labels must lie in 0..{len(label_names) - 1}")
     return Dataset(images, labels, label_names, str(path))
+
+
+def integer_labels(labels, what: str) -> np.ndarray:
+    """Labels as int64 (N,): integers, or floats that are whole numbers; anything else is a usage error (84.7 must
+    not quietly become 84, a string or NaN must not become a traceback)."""
+    labels = np.asarray(labels).reshape(-1)
+    if np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool:
+        return labels.astype(np.int64)
+    if np.issubdtype(labels.dtype, np.floating):
+        if not np.all(np.isfinite(labels)):
+            raise UsageError(f"{what}: labels must be whole numbers, found NaN or inf")
+        if np.any(labels != np.round(labels)):
+            bad = labels[labels != np.round(labels)][0]
+            raise UsageError(f"{what}: labels must be whole numbers, found {bad}")
+        return labels.astype(np.int64)
+    raise UsageError(f"{what}: labels must be integers, got dtype {labels.dtype}")
 
 
 def _guess_num_classes(needed: int) -> int:
@@ -103,11 +135,16 @@ def load_images(paths: Sequence[str | os.PathLike], shape: tuple[int, int, int],
     arrays = []
     for path in paths:
         try:
-            with Image.open(path) as image:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # a huge image: refused, not a warning
+                image = Image.open(path)
+            with image:
                 image = image.convert("L" if c == 1 else "RGB").resize((w, h), Image.Resampling.BICUBIC)
                 arrays.append(np.asarray(image, np.uint8).reshape(h, w, c))
         except FileNotFoundError:
             raise UsageError(f"--image {path}: no such file") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise UsageError(f"--image {path}: too large to decode safely ({str(error).split('.')[0]})") from None
         except (UnidentifiedImageError, OSError, ValueError) as error:
             raise UsageError(f"--image {path}: not a readable image ({error})") from None
     if labels is None:

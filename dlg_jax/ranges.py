@@ -9,7 +9,10 @@ from __future__ import annotations
 from dlg_jax.errors import UsageError
 
 
-def parse_range(text: str, flag: str = "--indices") -> list[int]:
+MAX_VALUES = 1_000_000  # a list longer than this is a typo, not a sweep (0:20000000 took 1.9 GB to refuse)
+
+
+def parse_range(text: str, flag: str = "--indices", limit: int = MAX_VALUES) -> list[int]:
     """The integers `text` names, in order, without repeats; `flag` names the option in error messages.
 
     Each comma-separated part is an integer or start:stop[:step] (stop exclusive, as Python's range). A
@@ -25,6 +28,8 @@ def parse_range(text: str, flag: str = "--indices") -> list[int]:
                 if len(bounds) not in (2, 3) or (len(bounds) == 3 and bounds[2] == 0):
                     raise ValueError
                 span = range(*bounds)
+                if len(values) + len(span) > limit:
+                    raise UsageError(f"{flag} {text!r}: more than {limit:,} values")
                 if not span:
                     raise UsageError(f"{flag} {text!r}: {part} is an empty or inverted range (stop must exceed start)")
                 values.extend(span)

@@ -1,8 +1,14 @@
 """`python -m dlg_jax.run`: one attack (the command line lives in dlg_jax/cli/run.py)."""
 
+import os
 import sys
 
 from dlg_jax.cli.run import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 130:  # Ctrl-C: the one line is out; leave without tearing down JAX's threads (which can crash)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The engine redesign side by side with the commit before it (issue 14's benchmark), in one run on this machine.
 #   OLD=/path/to/old/checkout bash experiments/bench_redesign.sh > experiments/results/bench_redesign.log
-# ONLY=one N=20: only the one-attack-at-a-time comparison, on the first N images.
+# ONLY=sweep|one|batch: one section; N=20: the one-attack section on the first N images only;
+# BATCH_INDICES=0:16 BATCH_STEPS=150: a shorter batch section (default: the 12 batches of images 0-47, 600 steps).
 # Needs ../shared/data. Each measurement alternates old and new so that machine noise hits both alike.
 set -euo pipefail
 NEW=$(cd "$(dirname "$0")/.." && pwd)
 OLD=${OLD:?set OLD to a checkout of the commit before the redesign}
 D=$NEW/../shared/data/cifar100_train_0-49.npz
 T=$(mktemp -d)
-if [ "${ONLY:-all}" = all ]; then
+if [ "${ONLY:-all}" = all ] || [ "${ONLY:-}" = sweep ]; then
 echo "# 50-image sweep, --processes 2 (attacks/hour of attack time, from summary.json)"
 for run in 1 2; do
   for side in old new; do
@@ -18,6 +19,7 @@ for run in 1 2; do
   done
 done
 fi
+if [ "${ONLY:-all}" = all ] || [ "${ONLY:-}" = one ]; then
 echo "# One attack at a time (the 50 images one by one, default attack): seconds per attack"
 ONE_OLD='
 import os, sys, time, numpy as np
@@ -49,13 +51,15 @@ print(f"new {sys.argv[2]}: median {np.median(secs):.3f} s, min {np.min(secs):.3f
 (cd "$T" && PYTHONPATH=$OLD python -c "$ONE_OLD" "$D")
 (cd "$T" && PYTHONPATH=$NEW python -c "$ONE_NEW" "$D" lbfgs)
 (cd "$T" && PYTHONPATH=$NEW python -c "$ONE_NEW" "$D" jaxopt-lbfgs)
-if [ "${ONLY:-all}" = all ]; then
-echo "# Batch recipe (N = 4, idlg, sigmoid, TV 1e-5 in 4 stages), 4 batches (images 0-15), 150 steps, --processes 2"
+fi
+if [ "${ONLY:-all}" = all ] || [ "${ONLY:-}" = batch ]; then
+BI=${BATCH_INDICES:-0:48}; BS=${BATCH_STEPS:-600}
+echo "# Batch recipe (N = 4, idlg, sigmoid, TV 1e-5 in 4 stages), images $BI, $BS steps, --processes 2"
 for side in old new; do
   root=$OLD; [ $side = new ] && root=$NEW
   start=$(date +%s.%N)
-  (cd "$T" && PYTHONPATH=$root python -m dlg_jax.sweep --data "$D" --indices 0:16 --batch-size 4 --label-strategy idlg \
-     --pixel-range sigmoid --tv-weight 1e-5 --tv-stages 4 --steps 150 --batch 4 --processes 2 --quiet \
+  (cd "$T" && PYTHONPATH=$root python -m dlg_jax.sweep --data "$D" --indices "$BI" --batch-size 4 --label-strategy idlg \
+     --pixel-range sigmoid --tv-weight 1e-5 --tv-stages 4 --steps "$BS" --batch 6 --processes 2 --quiet \
      --out "$T/batch-$side" | tail -1 | sed "s/^/$side: /")
   python - "$T/batch-$side" "$start" <<'PY'
 import json, sys, time, glob

@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 
 from dlg_jax.client import client_gradient, shared_gradient
-from dlg_jax.config import AttackConfig, get_config
+from dlg_jax.config import AttackConfig, Objective, get_config
 from dlg_jax.engine.attack import make_attack, make_problem
 from dlg_jax.models import cross_entropy
 from dlg_jax.parts import objectives as O
 from dlg_jax.parts.labels import analytic_labels, last_layer_weight_grad
 from tests.helpers import cifar_case, tiny_case
+
+
+O_TV = Objective(tv_weight=1e-3, tv_stages=2)
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +107,6 @@ def test_objective_gradient_matches_finite_differences(tiny):
             assert float(grad[i]) == pytest.approx((float(f(z + e)) - float(f(z - e))) / 2e-6, rel=1e-5, abs=1e-12)
 
 
-from dlg_jax.config import Objective  # noqa: E402
-
-O_TV = Objective(tv_weight=1e-3, tv_stages=2)
-
-
 def test_idlg_label_rule_on_real_images_and_every_class(cifar100):
     case = cifar_case()
     images = jnp.asarray(cifar100["images"][:6] / 255.0, jnp.float32)
@@ -183,5 +181,6 @@ def test_compiler_options_only_on_cpu_and_only_what_this_jaxlib_accepts(monkeypa
         x = jnp.linspace(-1.0, 1.0, 64).reshape(8, 8)
         tuned = jax.jit(jax.grad(f), compiler_options=options)(x)
         np.testing.assert_allclose(tuned, jax.jit(jax.grad(f))(x), rtol=1e-5, atol=1e-6)
+    assert D._cpu_accepts((("xla_backend_optimization_level", "2"),))  # the probe accepts an option XLA knows
     monkeypatch.setattr(D, "CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option_dlg_jax": "1"})
     assert D.compiler_options("cpu") == {}  # rejected by the probe: compile with XLA's defaults

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args, cwd=None, module="dlg_jax.run"):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DLG_JAX_CACHE_DIR": str(Path(cwd or ROOT) / ".xla-cache")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the session's compilation cache (conftest)
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or ROOT, env=env, timeout=600)
 

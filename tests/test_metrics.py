@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from dlg_jax.results.metrics import image_metrics, match_to_truth
 
@@ -31,3 +32,30 @@ def test_psnr_and_ssim_of_identical_and_clipped_images():
     assert np.all(same["mse"] == 0) and np.all(same["ssim"] > 0.999)
     out_of_range = truth + 5.0  # clipped to 1 before judging
     assert np.allclose(image_metrics(truth, out_of_range)["mse"], ((truth - 1.0) ** 2).mean(axis=(1, 2, 3)), atol=1e-6)
+
+
+def test_matching_beats_greedy_on_three():
+    """Greedy (each truth in turn takes its nearest free reconstruction) matches 0->1, 1->0, 2->2 and pays
+    0.04 + 0.09 + 0.81 = 0.94; the assignment pays 0.09 + 0.25 + 0.0 = 0.34 (0->2, 1->1, 2->0)."""
+    truth = np.array([0.6, 0.3, 0.0]).reshape(3, 1, 1, 1)
+    recon = np.array([0.0, 0.8, 0.9]).reshape(3, 1, 1, 1)
+    assert match_to_truth(truth, recon).tolist() == [2, 1, 0]
+
+
+def test_summarise_counts_successes_from_30_db_on_hand_made_rows():
+    from dlg_jax.results.report import summarise
+
+    def row(index, psnr, status, **extra):
+        return {**dict(index=index, seed=0, psnr=psnr, status=status, seconds=2.0, evaluations=10, label_pred=1,
+                       label_true=1), **extra}
+
+    rows = [row(0, 30.0, "converged"), row(1, 29.99, "max_steps"), row(2, None, "diverged", label_pred=2),
+            dict(row(3, 30.5, "converged"), label_accuracy=0.5,
+                 images=[dict(index=3, psnr=31.0), dict(index=4, psnr=30.0)])]
+    s = summarise(rows)
+    assert s["rows"] == 4 and s["images"] == 5  # the batch row counts its two images
+    assert s["successes"] == 3 and s["success_rate"] == pytest.approx(3 / 5)  # 30.0 exactly is a success
+    assert s["median_psnr"] == pytest.approx(30.0) and s["statuses"] == {"converged": 2, "diverged": 1, "max_steps": 1}
+    assert s["label_accuracy"] == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    assert s["attack_seconds"] == 8.0 and s["attacks_per_hour"] == pytest.approx(4 / 8 * 3600)
+    assert summarise(rows, attack_seconds=4.0)["attacks_per_hour"] == pytest.approx(3600)

@@ -167,3 +167,21 @@ def test_adam_equals_a_plain_optax_adam_loop(schedule, signed):
         x = optax.apply_updates(x, updates)
     np.testing.assert_allclose(np.stack(ours), np.stack(points), rtol=1e-6, atol=1e-7)
     assert f(jnp.asarray(ours[-1])) < f(x0)
+
+
+def test_a_pair_below_torchs_curvature_threshold_is_skipped():
+    """s.y = 1e-12 (0 < s.y <= 1e-10): the pair counts for nothing (gamma stays 1, the direction stays -g),
+    as torch skips it. Without the threshold gamma would be s.y / y.y = 1e6 (measured in float32 at the rounding
+    floor of the batch preset's TV stages: wild gammas, then every line search failing)."""
+    c = 1e-6
+    f = lambda x: 0.5 * c * jnp.sum(x**2)  # noqa: E731
+    solver = LBFGS(history_size=3)
+    state = solver.init(jnp.ones(1))
+    for _ in range(2):  # the start, then the first iteration (accepted: a decrease)
+        point = solver.ask(state)
+        state, step = solver.tell(state, point, f(point), jax.grad(f)(point))
+    assert bool(step.iterated)
+    s, y = float(state.s_history[0, 0]), float(state.y_history[0, 0])
+    assert 0 < s * y <= 1e-10
+    assert float(state.gamma) == 1.0
+    np.testing.assert_allclose(state.direction, -state.grad, rtol=1e-6)

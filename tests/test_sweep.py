@@ -141,7 +141,7 @@ def test_cli_batch_size_rows_are_batches_with_per_image_rows(tmp_path):
 
 
 def run_cli(*args, cwd, wait=True):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DLG_JAX_CACHE_DIR": str(Path(cwd) / ".xla-cache")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the session's compilation cache (conftest)
     command = [sys.executable, "-m", "dlg_jax.sweep", *map(str, args)]
     if not wait:
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
@@ -225,10 +225,10 @@ def test_resume_after_kill_neither_loses_nor_duplicates_rows(tmp_path):
 def test_changed_configuration_is_refused(tmp_path, capsys):
     out = tmp_path / "sweep"
     base = ["--data", str(CIFAR100), "--indices", "0:2", "--out", str(out), "--quiet", "--single-device"]
-    identity = S._identity(S.build_parser().parse_args(base + TINY_FLAGS), S.data_lib.load_npz(CIFAR100),
-                           AttackConfig().override(steps=2, iterations_per_step=4))
+    identity, provenance = S._identity(S.build_parser().parse_args(base + TINY_FLAGS), S.data_lib.load_npz(CIFAR100),
+                                       AttackConfig().override(steps=2, iterations_per_step=4), 1)
     out.mkdir()
-    (out / "config.json").write_text(json.dumps(identity))
+    (out / "config.json").write_text(json.dumps(dict(identity, provenance=provenance)))
     (out / "results.jsonl").write_text("")
     assert S.main(base + ["--steps", "3", "--iterations-per-step", "4"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
@@ -260,6 +260,9 @@ def test_changed_configuration_is_refused(tmp_path, capsys):
     (["--tv-weight", "1e6"], "tv_weight must be in"),
     (["--tv-weight", "-2"], "--tv-weight"),
     (["--processes", "0"], "--processes"),
+    (["--out", ""], "--out: an empty path"),
+    (["--seeds", "0:20000000"], "more than 1,000,000 values"),
+    (["--indices", "0:50", "--seeds", "0:300000"], "more than 10,000,000 attacks"),
     (["--processes", "2", "--distributed"], "--processes and --distributed: choose one"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, fragment):
@@ -317,3 +320,14 @@ def test_presets_round_trip_through_config_json_and_a_changed_preset_is_refused(
     assert len(read_rows(out)) == 1
     other = run_cli(*common, "--preset", "idlg", "--steps", "4", "--tv-stages", "2", cwd=tmp_path)
     assert other.returncode == 2 and "another configuration" in other.stderr
+
+
+@pytest.mark.skipif(not CIFAR100.exists(), reason="shared data missing")
+def test_too_many_lanes_are_refused_before_out_is_created(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**20)  # a pretend 1 MiB device
+    out = tmp_path / "out"
+    assert S.main(["--data", str(CIFAR100), "--indices", "0:8", "--lanes", "8", "--single-device", "--out", str(out),
+                   *TINY_FLAGS]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "--batch 8: needs" in error[0]
+    assert not out.exists()

@@ -63,6 +63,20 @@ def enable_compilation_cache() -> Path:
     return path
 
 
+MAX_SEED = 2**31 - 1
+
+
+def seed(text: str) -> int:
+    """A seed in 0 .. 2^31 - 1 (what every engine lane holds as int32)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must lie in 0..{MAX_SEED}, got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = non_negative_float(text)
     if value <= 0:
@@ -110,7 +124,7 @@ def add_attack_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--signed", action="store_true", default=None, help="Adam on the gradient's sign")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="lenet", help="model by name (default lenet, the paper's)")
-    model.add_argument("--model-seed", type=int, default=1234, help="seed of the model weights (default 1234)")
+    model.add_argument("--model-seed", type=seed, default=1234, help="seed of the model weights (default 1234)")
 
 
 def attack_config(args, batch_size: int = 1):

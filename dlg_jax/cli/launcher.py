@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 import sys
 import tempfile
 import time
+
+
+def _worker_setup(core: int) -> None:
+    """In the worker, before it runs: pin it to its core, and have the kernel end it when the launcher dies (even
+    by kill -9), so that no orphan goes on writing rows."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {core})
+    with contextlib.suppress(Exception):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
 def launch(args, argv: list[str], prog: str, results, total: int, summarise) -> int:
@@ -28,7 +41,7 @@ def launch(args, argv: list[str], prog: str, results, total: int, summarise) -> 
         for k in range(args.processes):
             logs.append(stack.enter_context(tempfile.TemporaryFile("w+")))
             core = cores[k % len(cores)]
-            pin = (lambda: os.sched_setaffinity(0, {core})) if hasattr(os, "sched_setaffinity") else None
+            pin = functools.partial(_worker_setup, core)
             command = [sys.executable, "-m", "dlg_jax.sweep", *argv, "--worker", f"{k}/{args.processes}", "--quiet"]
             workers.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=logs[-1], preexec_fn=pin))
         from tqdm import tqdm

@@ -7,8 +7,6 @@ history.png (the dummy every 10 steps), reconstruction.png (truth beside reconst
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -16,11 +14,12 @@ from typing import Sequence
 
 from dlg_jax import data as data_lib
 from dlg_jax.cli.common import (ArgumentParser, add_attack_flags, attack_config, enable_compilation_cache, fail,
-                                positive_int)
+                                positive_int, seed)
 from dlg_jax.errors import UsageError
 from dlg_jax.ranges import parse_range
 
-SNAPSHOT_EVERY = 10  # steps between printed values and history snapshots, as in the original
+SNAPSHOT_EVERY = 10  # steps between printed values and history snapshots, as in the original (300 steps: 30)
+MAX_SNAPSHOTS = 60  # longer attacks snapshot less often (every 20 steps for 600, ...): the figure stays readable
 
 
 def build_parser() -> ArgumentParser:
@@ -40,10 +39,15 @@ def build_parser() -> ArgumentParser:
     src.add_argument("--label", type=int, nargs="+", default=None,
                      help="true label(s) of --image (default: the model's own prediction, as a client would label it)")
     add_attack_flags(p)
-    p.add_argument("--seed", type=int, default=1234, help="seed of the dummy image and label (default 1234, the reference's)")
+    p.add_argument("--seed", type=seed, default=1234, help="seed of the dummy image and label (default 1234, the reference's)")
     p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>)")
     p.add_argument("--quiet", action="store_true", help="do not print the gradient distance every 10 steps")
     return p
+
+
+def snapshot_every(steps: int) -> int:
+    """Every 10 steps, as the original, or a multiple of 10 that keeps at most MAX_SNAPSHOTS snapshots."""
+    return SNAPSHOT_EVERY * max(1, -(-steps // (SNAPSHOT_EVERY * MAX_SNAPSHOTS)))
 
 
 def load_private_data(args) -> tuple[data_lib.Dataset, list[int], list[int]]:
@@ -87,6 +91,7 @@ def write_outputs(out: Path, dataset: data_lib.Dataset, positions: Sequence[int]
                   outcome, trace, config, args) -> dict:
     """Save figures and result.json (written last, atomically: its presence means the run finished); a batch's
     images are shown and judged in the order `judge` matches them to the private images."""
+    from dlg_jax.results.files import dumps, write_atomic
     from dlg_jax.results.judge import judge
     from dlg_jax.results.plots import save_history, save_reconstruction
 
@@ -103,10 +108,27 @@ def write_outputs(out: Path, dataset: data_lib.Dataset, positions: Sequence[int]
                                                     "compile_seconds", "status", "attempts")})
     result.update(source=dataset.source, seed=args.seed, model=args.model, model_seed=args.model_seed,
                   preset=args.preset, config=config.to_dict())
-    tmp = out / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out / "result.json")
+    write_atomic(out / "result.json", dumps(result, indent=2) + "\n")
     return result
+
+
+OUTPUTS = ("history.png", "reconstruction.png", "result.json")
+
+
+def prepare_out(path: str | None) -> tuple[Path, bool]:
+    """The output folder, made now (before the attack) so that an unwritable one is a one-line error first; a
+    planted symlink where an output goes is refused. Returns the folder and whether this run created it."""
+    from dlg_jax.results.files import check_writable, refuse_links
+
+    if path == "":
+        raise UsageError("--out: an empty path")
+    out = Path(path or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    created = not out.exists()
+    refuse_links(out, OUTPUTS)
+    check_writable(out)
+    return out, created
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,12 +139,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch = len(args.image) if args.image else len(parse_range(args.indices)) if args.indices else args.batch_size
         config, note = attack_config(args, batch_size=batch)  # before the data: a bad flag costs no download
         dataset, positions, indices = load_private_data(args)
-        out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out {out}: exists and is not a directory")
         case = make_case(args, dataset, config)
+        out, created = prepare_out(args.out)
     except UsageError as error:
         return fail(prog, error)
+    try:
+        return _attack(args, prog, config, note, dataset, positions, indices, case, out)
+    except KeyboardInterrupt:
+        _discard(out, created)
+        print(f"{prog}: interrupted; nothing written to {out}", file=sys.stderr, flush=True)
+        return 130
+    except OSError as error:  # a full disk while writing: one line, and no half-written outputs
+        _discard(out, created)
+        print(f"{prog}: error: {error.strerror or error}: {error.filename or out}", file=sys.stderr)
+        return 2
+
+
+def _discard(out: Path, created: bool) -> None:
+    """Remove what this run wrote (result.json is written last: without it the run did not finish)."""
+    import contextlib
+
+    if (out / "result.json").exists() and not created:
+        return
+    for name in OUTPUTS:
+        with contextlib.suppress(OSError):
+            (out / name).unlink()
+    if created:
+        with contextlib.suppress(OSError):
+            out.rmdir()
+
+
+def _attack(args, prog, config, note, dataset, positions, indices, case, out: Path) -> int:
     if note:
         print(f"{prog}: {note}", flush=True)
     enable_compilation_cache()
@@ -133,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{progress['step']} {progress['value']:.4f}", flush=True)
 
     outcome, trace = attack_one(case, config, dataset.images[positions], dataset.labels[positions], args.seed,
-                                on_step=show, snapshot_every=SNAPSHOT_EVERY)
+                                on_step=show, snapshot_every=snapshot_every(config.rules.steps))
     result = write_outputs(out, dataset, positions, indices, outcome, trace, config, args)
     labels = (f"label {result['label_pred']} (true {result['label_true']})" if "label_pred" in result
               else f"labels {100 * result['label_accuracy']:.0f}% right")

@@ -36,6 +36,7 @@ from dlg_jax.results import report
 from dlg_jax.results.store import ResultsDir
 
 MAX_SEED = 2**31 - 1
+MAX_TASKS = 10_000_000
 
 
 def build_parser() -> ArgumentParser:
@@ -94,12 +95,17 @@ def _load(args, indices: list[int]) -> tuple[data_lib.Dataset, dict[int, int]]:
     return dataset, {i: n for n, i in enumerate(indices)}
 
 
-def _identity(args, dataset: data_lib.Dataset, config) -> dict:
-    """What the rows depend on: a rerun in the same DIR must match it (the work list may grow)."""
-    source = str(Path(args.data).resolve()) if args.data else f"tfds {args.dataset}[{args.split}]"
-    return dict(data=dict(source=source, image_shape=list(dataset.image_shape), num_classes=dataset.num_classes),
-                attack=config.to_dict(), model=args.model, model_seed=args.model_seed, restarts=args.restarts,
-                batch_size=args.batch_size)
+def _identity(args, dataset: data_lib.Dataset, config, devices: int) -> tuple[dict, dict]:
+    """What the rows depend on (a rerun in the same DIR must match it; the work list may grow), and the
+    provenance stored beside it but not compared. The data is identified by content (a copy elsewhere is the
+    same data; other content at the same path is not); `devices`: JAX devices per process, since XLA rounds a
+    program sharded over 2 devices differently from one on 1 (results differ in the last bits, then chaotically)."""
+    source = "npz" if args.data else f"tfds {args.dataset}[{args.split}]"
+    data = dict(source=source, sha256=dataset.content_hash(), image_shape=list(dataset.image_shape),
+                num_classes=dataset.num_classes)
+    identity = dict(data=data, attack=config.to_dict(), model=args.model, model_seed=args.model_seed,
+                    restarts=args.restarts, batch_size=args.batch_size, devices_per_process=devices)
+    return identity, dict(data=args.data if args.data else source, out=args.out)
 
 
 def _hosts(args) -> tuple[int, int]:
@@ -127,42 +133,72 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         use_all_cpu_cores()
     try:
-        config, note = _config(args)
-        indices = parse_range(args.indices, "--indices")
-        seeds = parse_range(args.seeds, "--seeds")
-        bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
-        if bad:
-            raise UsageError(f"--seeds: {bad[0]} is out of range (0..{MAX_SEED})")
-        if len(indices) < args.batch_size:
-            raise UsageError(f"--indices: {len(indices)} image(s), fewer than --batch-size {args.batch_size}")
-        dataset, position = _load(args, indices)
-        if note and args.worker is None:
-            print(f"{prog}: {note}", file=sys.stderr, flush=True)
-        if args.processes > 1 and args.worker is None:
-            if args.distributed:
-                raise UsageError("--processes and --distributed: choose one")
-            from dlg_jax.cli.launcher import launch
-
-            results = ResultsDir(Path(args.out), _identity(args, dataset, config))  # refuses another configuration
-            total = len(indices) // args.batch_size * len(seeds)
-            return launch(args, list(sys.argv[1:] if argv is None else argv), prog, results, total, _summarise)
-        host, hosts = _hosts(args)
-        results = ResultsDir(Path(args.out), _identity(args, dataset, config), host, hosts)
-        n = args.batch_size  # a batch is named by its first index
-        members = {indices[k]: indices[k:k + n] for k in range(0, len(indices) - n + 1, n)}
-        share = [(i, s) for i in members for s in seeds][host::hosts]  # fixed before looking at DIR: hosts agree
-        done = {(r["index"], r["seed"]) for r in results.rows()}
-        pending = [task for task in share if task not in done]
-        enable_compilation_cache()
-        runner = _runner(args, dataset, config)
-        if pending:
-            runner.compile(runner.lanes_for(len(pending), args.lanes))  # refuses too many lanes, before DIR
-        results.open()
-        done = {(r["index"], r["seed"]) for r in results.rows()}  # another sweep may have finished some meanwhile
-        pending = [(i, s) for i, s in pending if (i, s) not in done]
-        _run(args, runner, dataset, position, members, pending, results)
+        return _main(args, argv, prog)
     except UsageError as error:
         return fail(prog, error)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted: {_saved(args)} rows saved in {args.out}; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        return 130
+    except OSError as error:  # a full disk, a vanished directory: one line, not a traceback
+        print(f"{prog}: error: {error.strerror or error}: {error.filename or args.out}", file=sys.stderr)
+        return 2
+
+
+def _saved(args) -> int:
+    try:
+        return sum(1 for f in Path(args.out).glob("results*.jsonl") for line in f.read_bytes().split(b"\n")[:-1])
+    except OSError:
+        return 0
+
+
+def _main(args, argv, prog: str) -> int:
+    if args.out == "":
+        raise UsageError("--out: an empty path")
+    config, note = _config(args)
+    indices = parse_range(args.indices, "--indices")
+    seeds = parse_range(args.seeds, "--seeds")
+    bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if bad:
+        raise UsageError(f"--seeds: {bad[0]} is out of range (0..{MAX_SEED})")
+    if len(indices) < args.batch_size:
+        raise UsageError(f"--indices: {len(indices)} image(s), fewer than --batch-size {args.batch_size}")
+    if len(indices) // args.batch_size * len(seeds) > MAX_TASKS:
+        raise UsageError(f"--indices x --seeds: more than {MAX_TASKS:,} attacks; split the sweep")
+    dataset, position = _load(args, indices)
+    if note and args.worker is None:
+        print(f"{prog}: {note}", file=sys.stderr, flush=True)
+    import jax
+
+    devices = 1 if args.processes > 1 or args.worker is not None else len(jax.local_devices())
+    identity, provenance = _identity(args, dataset, config, devices)
+    if args.processes > 1 and args.worker is None:
+        if args.distributed:
+            raise UsageError("--processes and --distributed: choose one")
+        from dlg_jax.cli.launcher import launch
+
+        results = ResultsDir(Path(args.out), identity, provenance=provenance)  # refuses another configuration
+        results.check_writable()
+        results.lock("exclusive")  # held while the workers run: no other sweep in DIR meanwhile
+        total = len(indices) // args.batch_size * len(seeds)
+        return launch(args, list(sys.argv[1:] if argv is None else argv), prog, results, total, _summarise)
+    host, hosts = _hosts(args)
+    results = ResultsDir(Path(args.out), identity, host, hosts, provenance=provenance)
+    n = args.batch_size  # a batch is named by its first index
+    members = {indices[k]: indices[k:k + n] for k in range(0, len(indices) - n + 1, n)}
+    share = [(i, s) for i in members for s in seeds][host::hosts]  # fixed before looking at DIR: hosts agree
+    done = {(r["index"], r["seed"]) for r in results.rows()}
+    pending = [task for task in share if task not in done]
+    enable_compilation_cache()
+    runner = _runner(args, dataset, config)
+    if pending:
+        runner.compile(runner.lanes_for(len(pending), args.lanes))  # refuses too many lanes, before DIR
+    results.open(lock="own" if args.worker is not None else "shared" if args.distributed else "exclusive")
+    done = {(r["index"], r["seed"]) for r in results.rows()}  # another sweep may have finished some meanwhile
+    pending = [(i, s) for i, s in pending if (i, s) not in done]
+    if done and args.worker is None:
+        print(f"{prog}: resuming: {len(done)} done, {len(pending)} to go", file=sys.stderr, flush=True)
+    _run(args, runner, dataset, position, members, pending, results)
     with contextlib.suppress(Exception):
         if hosts > 1 and args.distributed:  # let every host finish its rows before host 0 writes the summary
             from jax.experimental import multihost_utils

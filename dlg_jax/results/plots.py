@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dlg_jax.results.files import save_figure  # noqa: E402
+
 
 def _show(ax, image: np.ndarray) -> None:
     image = np.clip(image, 0.0, 1.0)
@@ -36,7 +38,7 @@ def save_history(path: Path, snapshots: Sequence[tuple[int, np.ndarray]], column
             _show(ax, images[n])
             ax.set_title(f"iter={step}", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(path, fig, dpi=100)
     plt.close(fig)
 
 
@@ -50,5 +52,5 @@ def save_reconstruction(path: Path, truths: np.ndarray, reconstructions: np.ndar
             _show(ax, image)
             ax.set_title(caption, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(path, fig, dpi=100)
     plt.close(fig)

@@ -6,12 +6,12 @@ summary can be rewritten at any time, by any host, from what is on disk.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from dlg_jax.results.files import dumps, save_figure, write_atomic
 
 SUCCESS_DB = 30.0  # a reconstruction at PSNR >= 30 dB counts as recovered (as experiments/benchmark_attacks.py)
 
@@ -103,7 +103,8 @@ def markdown(summary: dict, rows: Sequence[dict], config: dict, worst: int = 10)
 
 
 def _psnr_key(row: dict) -> float:
-    return row["psnr"] if np.isfinite(row["psnr"]) else -np.inf
+    psnr = row["psnr"]
+    return psnr if psnr is not None and np.isfinite(psnr) else -np.inf
 
 
 def save_histogram(path: Path, rows: Sequence[dict]) -> None:
@@ -122,7 +123,7 @@ def save_histogram(path: Path, rows: Sequence[dict]) -> None:
     ax.set_title(f"{len(psnr)} images, {int((psnr >= SUCCESS_DB).sum())} at >= {SUCCESS_DB:.0f} dB")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(path, fig, dpi=100)
     plt.close(fig)
 
 
@@ -154,7 +155,7 @@ def save_worst(path: Path, rows: Sequence[dict], images_dir: Path, count: int = 
         ax.axis("off")
     for n, (r, truth, recon) in enumerate(chosen):
         for j, (image, title) in enumerate(((truth, f"#{r['index']} s{r['seed']} label {r['label_true']}"),
-                                            (recon, f"{r['psnr']:.1f} dB, label {r['label_pred']}"))):
+                                            (recon, f"{_psnr_key(r):.1f} dB, label {r['label_pred']}"))):
             ax = axes[n // cols, 2 * (n % cols) + j]
             image = np.clip(image, 0.0, 1.0)
             ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None,
@@ -162,7 +163,7 @@ def save_worst(path: Path, rows: Sequence[dict], images_dir: Path, count: int = 
             ax.set_title(title, fontsize=6)
     fig.suptitle(f"worst {len(chosen)} of {len(images)} images by PSNR: truth | reconstruction", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(path, fig, dpi=110)
     plt.close(fig)
 
 
@@ -174,22 +175,9 @@ def write(out: Path, rows: Sequence[dict], config: dict, worst: int = 16, attack
     """Write summary.json, summary.md, psnr_histogram.png and worst.png into `out` (each atomically)."""
     rows = sorted(rows, key=lambda r: (r["index"], r["seed"]))
     summary = summarise(rows, attack_seconds)
-    _atomic_text(out / "summary.json", json.dumps(dict(summary=summary, config=config), indent=2) + "\n")
-    _atomic_text(out / "summary.md", markdown(summary, rows, config))
+    write_atomic(out / "summary.json", dumps(dict(summary=summary, config=config), indent=2) + "\n")
+    write_atomic(out / "summary.md", markdown(summary, rows, config))
     if rows:
-        _atomic_figure(out / "psnr_histogram.png", lambda p: save_histogram(p, rows))
-        _atomic_figure(out / "worst.png", lambda p: save_worst(p, rows, out / "reconstructions", worst))
+        save_histogram(out / "psnr_histogram.png", rows)
+        save_worst(out / "worst.png", rows, out / "reconstructions", worst)
     return summary
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_figure(path: Path, draw) -> None:
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    draw(tmp)
-    if tmp.exists():
-        os.replace(tmp, path)

@@ -5,7 +5,7 @@ one-evaluation-per-call lanes; it runs here, one attack at a time, and is the or
 tested against (tests/test_solvers.py: the same iterates to float tolerance). Its line search is configured
 through jaxopt's public API (a `BacktrackingLineSearch` instance); Armijo is its weak-Wolfe test with the
 curvature condition switched off (c2 = inf), which evaluates D and its gradient together at each trial, as
-the engine does. The one addition: pairs with s.y <= 0 are dropped from the state jaxopt returns (rho = 0,
+the engine does. The one addition: pairs with s.y <= 1e-10 are dropped from the state jaxopt returns (rho = 0,
 gamma kept), as the engine's L-BFGS and torch's skip them.
 
 Budgets are checked as each jaxopt iteration ends, so an evaluation budget that runs out inside a line search
@@ -22,7 +22,7 @@ import jaxopt
 
 from dlg_jax.parts import attempts as rules_lib
 from dlg_jax.parts.dummies import fresh_start
-from dlg_jax.solvers.lbfgs import WOLFE_C2
+from dlg_jax.solvers.lbfgs import CURVATURE_EPS, WOLFE_C2
 
 
 def make_jaxopt_lbfgs(fun: Callable, history_size: int, condition: str, decrease: float, max_linesearch_steps: int,
@@ -35,9 +35,10 @@ def make_jaxopt_lbfgs(fun: Callable, history_size: int, condition: str, decrease
 
 
 def skip_nonpositive_curvature(history_size: int, before, after):
-    """`after` (jaxopt's state after an iteration from `before`) without its new pair if s . y <= 0."""
+    """`after` (jaxopt's state after an iteration from `before`) without its new pair if s . y <= CURVATURE_EPS."""
     slot = before.iter_num % history_size
-    curved = after.rho_history[slot] > 0  # rho = 1 / (s . y), and 0 where s . y = 0
+    rho = after.rho_history[slot]  # 1 / (s . y), and 0 where s . y = 0
+    curved = (rho > 0) & (rho < 1.0 / CURVATURE_EPS)
     return after._replace(rho_history=after.rho_history.at[slot].set(jnp.where(curved, after.rho_history[slot], 0.0)),
                           gamma=jnp.where(curved, after.gamma, before.gamma))
 

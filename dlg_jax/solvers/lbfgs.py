@@ -14,8 +14,8 @@ changes, both measured on the shared CIFAR-100 images (README, "Solver settings"
 
 - Armijo's sufficient decrease alone, halving the step (jaxopt's strong Wolfe by 0.8 spent 30 trials on
   steps too short for the curvature test, which backtracking cannot fix): 30-60% fewer evaluations.
-- Pairs with s.y <= 0 are skipped (Armijo does not ensure curvature; one such pair, gamma < 0, turned the next
-  direction uphill: 30 trials, then a step of ~1e-9). torch's LBFGS skips them too.
+- Pairs with s.y <= 1e-10 are skipped, as torch's LBFGS skips them (Armijo does not ensure curvature; one pair
+  with gamma < 0 turned the next direction uphill: 30 trials, then a step of ~1e-9; `CURVATURE_EPS`).
 
 The direction is the compact form of the L-BFGS product (`inverse_hessian_product`): two matrix passes over
 the history instead of the 200-step two-loop recursion, which cost as much as an evaluation of D.
@@ -33,6 +33,11 @@ from dlg_jax.parts.attempts import Step
 
 MAX_STEPSIZE, MIN_STEPSIZE, INCREASE_FACTOR = 1.0, 1e-6, 1.5  # jaxopt.LBFGS's defaults
 C1, WOLFE_C2 = 1e-4, 0.9  # jaxopt.BacktrackingLineSearch's defaults
+# A pair counts only with s.y > 1e-10, torch's threshold. With s.y > 0 alone, float32 pairs at the rounding floor
+# (|g| ~ 1e-5, y mostly rounding) set gamma = s.y / y.y to 432 and then 2e-4 within 200 iterations: every line
+# search then failed (30 evaluations), and the batch preset's non-final TV stages, which run to that floor, spent
+# the whole budget (12 batches of 4: 15,000 of 15,000 evaluations each, against 11,871 to converge with it).
+CURVATURE_EPS = 1e-10
 
 
 class LbfgsState(NamedTuple):
@@ -68,7 +73,7 @@ def inverse_hessian_product(g, s_history, y_history, sy, yy, gamma, count):
     two matrix products over the history and k x k triangular solves (~0.1 ms against the two-loop's ~0.4 ms
     for 100 pairs on a CPU core). `sy` and `yy` are kept by slot; the pair written last, at slot
     (count - 1) % history, enters them here in the same pass as S'g and Y'g (at count 0 that slot is stale and
-    what enters is masked). Stale slots and pairs with s . y <= 0 are masked out, which leaves H as the
+    what enters is masked). Stale slots and pairs with s . y <= CURVATURE_EPS are masked out, which leaves H as the
     two-loop over the valid pairs. Returns (H g, sy, yy).
     """
     size = s_history.shape[0]
@@ -79,7 +84,7 @@ def inverse_hessian_product(g, s_history, y_history, sy, yy, gamma, count):
     yy = yy.at[:, newest].set(y_dots[:, 0]).at[newest, :].set(y_dots[:, 0])
     order = (count + jnp.arange(size)) % size  # slots oldest first
     sy_ordered = sy[order][:, order]
-    valid = (order < count) & (jnp.diagonal(sy_ordered) > 0)
+    valid = (order < count) & (jnp.diagonal(sy_ordered) > CURVATURE_EPS)
     both = valid[:, None] & valid[None, :]
     upper = jnp.arange(size)[:, None] <= jnp.arange(size)[None, :]
     r = jnp.where(both & upper, sy_ordered, 0.0) + jnp.diag(jnp.where(valid, 0.0, 1.0)).astype(sy.dtype)
@@ -137,7 +142,7 @@ class LBFGS:
         failed = (state.ls_iter + 1 == self.max_linesearch_steps) & ~done
         accepted = ~fresh & (done | failed)  # the iteration is complete at `point` (jaxopt takes a failed trial too)
         s, y = point - state.x, grad - state.grad
-        curved = s @ y > 0
+        curved = s @ y > CURVATURE_EPS
         yy_new = y @ y
         gamma = jnp.where(curved, jnp.where(yy_new > 0, (s @ y) / yy_new, 1.0), state.gamma)
         finite = lambda a: jnp.where(jnp.isfinite(a), a, 0.0)  # noqa: E731  (a diverged pair: zeros, not NaN)
