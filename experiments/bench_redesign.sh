@@ -2,7 +2,8 @@
 # The engine redesign side by side with the commit before it (issue 14's benchmark), in one run on this machine.
 #   OLD=/path/to/old/checkout bash experiments/bench_redesign.sh > experiments/results/bench_redesign.log
 # ONLY=sweep|one|batch: one section; N=20: the one-attack section on the first N images only;
-# BATCH_INDICES=0:16 BATCH_STEPS=150: a shorter batch section (default: the 12 batches of images 0-47, 600 steps).
+# BATCH_INDICES=0:16 BATCH_STEPS=150: a shorter batch section (default: the 12 batches of images 0-47, 600 steps);
+# BATCH_SIDES=new: its new side alone (the old vmap engine takes ~12 minutes).
 # Needs ../shared/data. Each measurement alternates old and new so that machine noise hits both alike.
 set -euo pipefail
 NEW=$(cd "$(dirname "$0")/.." && pwd)
@@ -55,7 +56,7 @@ fi
 if [ "${ONLY:-all}" = all ] || [ "${ONLY:-}" = batch ]; then
 BI=${BATCH_INDICES:-0:48}; BS=${BATCH_STEPS:-600}
 echo "# Batch recipe (N = 4, idlg, sigmoid, TV 1e-5 in 4 stages), images $BI, $BS steps, --processes 2"
-for side in old new; do
+for side in ${BATCH_SIDES:-old new}; do
   root=$OLD; [ $side = new ] && root=$NEW
   start=$(date +%s.%N)
   (cd "$T" && PYTHONPATH=$root python -m dlg_jax.sweep --data "$D" --indices "$BI" --batch-size 4 --label-strategy idlg \
