@@ -48,6 +48,16 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def exit_with(code: int) -> None:
+    """Leave with `code`; after Ctrl-C (130) without tearing down JAX's threads, which can crash on the way out
+    (seen: exit -11 after the one-line message)."""
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def enable_compilation_cache() -> Path:
     """Persist compiled XLA programs so a second run of the same attack skips compilation.
 
@@ -147,4 +157,4 @@ def attack_config(args, batch_size: int = 1):
         raise UsageError(str(error)) from None
 
 
-__all__ = ["ATTACK_FLAGS", "ArgumentParser", "add_attack_flags", "attack_config", "positive_float", "UsageError", "enable_compilation_cache", "fail", "non_negative_float", "positive_int"]
+__all__ = ["ATTACK_FLAGS", "ArgumentParser", "exit_with", "add_attack_flags", "attack_config", "positive_float", "UsageError", "enable_compilation_cache", "fail", "non_negative_float", "positive_int"]

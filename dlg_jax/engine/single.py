@@ -2,7 +2,8 @@
 
 Why one lane of the engine and not a direct loop: it is the same code as every sweep (one path to test), and
 it is faster than the direct jaxopt path (`--optimizer jaxopt-lbfgs`), whose two-loop recursion costs as much
-as an evaluation: median 1.73 s against 2.03 s per attack on images 0-19 (experiments/results/bench_redesign.md).
+as an evaluation: median 1.89 s against 2.22 s per attack on the 50 shared images (experiments/results/
+bench_redesign.md).
 """
 
 from __future__ import annotations
