@@ -14,7 +14,6 @@ untracked run).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path

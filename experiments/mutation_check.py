@@ -29,14 +29,15 @@ BUGS = [
      "lane.progress.evaluations + 1 + jnp.where((lane.progress.attempt >= 2) & step.started, "
      "lane.progress.evaluations, 0), lane.problem.target)",
      ["tests/test_engine.py::test_a_chain_of_four_attempts_starts_each_from_its_own_fresh_dummy"]),
-    ("every retry starts from the same point", "dlg_jax/engine/lanes.py",
-     "fresh_start(key, lane.progress.attempt, self.attack.layout)", "fresh_start(key, 1, self.attack.layout)",
+    ("every retry starts from the same point (in the rules' restart point)", "dlg_jax/parts/attempts.py",
+     "fresh_start(jax.random.wrap_key_data(key_data), a.attempt, layout)",
+     "fresh_start(jax.random.wrap_key_data(key_data), 1, layout)",
      ["tests/test_engine.py::test_a_chain_of_four_attempts_starts_each_from_its_own_fresh_dummy"]),
     ("every retry starts from the same point (in the shared helper)", "dlg_jax/parts/dummies.py",
      "jax.random.fold_in(key, attempt)", "jax.random.fold_in(key, 1)",
      ["tests/test_engine.py::test_a_chain_of_four_attempts_starts_each_from_its_own_fresh_dummy"]),
-    ("the attack returns the last iterate instead of the best", "dlg_jax/engine/lanes.py",
-     "inputs=jax.vmap(attack.inputs)(p.best), current=", "inputs=jax.vmap(attack.inputs)(p.current), current=",
+    ("the attack returns the last iterate instead of the best", "dlg_jax/engine/attack.py",
+     "inputs=self.inputs(progress.best), current=", "inputs=self.inputs(progress.current), current=",
      ["tests/test_engine.py::test_what_comes_back_is_the_best_iterate_not_the_last"]),
 ]
 

@@ -48,6 +48,17 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def case_from_args(args, dataset, config):
+    """The attacked case the flags name: the model, its seeded weights, the client (no transforms yet)."""
+    from dlg_jax.engine.attack import make_case as build, precision_scope
+
+    try:
+        with precision_scope(config):
+            return build(args.model, dataset.num_classes, dataset.image_shape, args.model_seed, config.dtype)
+    except ValueError as error:
+        raise UsageError(f"--model: {error}") from None
+
+
 def exit_with(code: int) -> None:
     """Leave with `code`; after Ctrl-C (130) without tearing down JAX's threads, which can crash on the way out
     (seen: exit -11 after the one-line message)."""

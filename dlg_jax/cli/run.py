@@ -14,7 +14,7 @@ from typing import Sequence
 
 from dlg_jax import data as data_lib
 from dlg_jax.cli.common import (ArgumentParser, add_attack_flags, attack_config, enable_compilation_cache, fail,
-                                positive_int, seed)
+                                positive_int, case_from_args, seed)
 from dlg_jax.errors import UsageError
 from dlg_jax.ranges import parse_range
 
@@ -76,17 +76,6 @@ def load_private_data(args) -> tuple[data_lib.Dataset, list[int], list[int]]:
     return dataset, list(range(len(wanted))), wanted
 
 
-def make_case(args, dataset: data_lib.Dataset, config):
-    """The attacked case the flags name: the model, its seeded weights, the client (no transforms yet)."""
-    from dlg_jax.engine.attack import make_case as build, precision_scope
-
-    try:
-        with precision_scope(config):
-            return build(args.model, dataset.num_classes, dataset.image_shape, args.model_seed, config.dtype)
-    except ValueError as error:
-        raise UsageError(f"--model: {error}") from None
-
-
 def write_outputs(out: Path, dataset: data_lib.Dataset, positions: Sequence[int], indices: Sequence[int],
                   outcome, trace, config, args) -> dict:
     """Save figures and result.json (written last, atomically: its presence means the run finished); a batch's
@@ -139,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch = len(args.image) if args.image else len(parse_range(args.indices)) if args.indices else args.batch_size
         config, note = attack_config(args, batch_size=batch)  # before the data: a bad flag costs no download
         dataset, positions, indices = load_private_data(args)
-        case = make_case(args, dataset, config)
+        case = case_from_args(args, dataset, config)
         out, created = prepare_out(args.out)
     except UsageError as error:
         return fail(prog, error)

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Sequence
 
 from dlg_jax import data as data_lib
-from dlg_jax.cli.common import ArgumentParser, add_attack_flags, attack_config, enable_compilation_cache, fail, positive_int
+from dlg_jax.cli.common import (ArgumentParser, add_attack_flags, attack_config, case_from_args, enable_compilation_cache,
+                                fail, positive_int)
 from dlg_jax.errors import UsageError
 from dlg_jax.ranges import parse_range
 from dlg_jax.results import report
@@ -210,11 +211,10 @@ def _main(args, argv, prog: str) -> int:
 
 
 def _runner(args, dataset: data_lib.Dataset, config):
-    from dlg_jax.cli.run import make_case
     from dlg_jax.engine.scheduler import Sweep
 
     lane_by_lane = {"lane-by-lane": True, "vmap": False}.get(args.engine)
-    return Sweep(make_case(args, dataset, config), config, restarts=args.restarts, batch_size=args.batch_size,
+    return Sweep(case_from_args(args, dataset, config), config, restarts=args.restarts, batch_size=args.batch_size,
                  lane_by_lane=lane_by_lane)
 
 

@@ -64,6 +64,14 @@ class Attack(NamedTuple):
         parts = self.layout.unravel(z)
         return jnp.argmax(parts["label_logits"] if "label_logits" in parts else problem.known_labels, axis=-1)
 
+    def report(self, progress, problem: Problem) -> dict:
+        """What an attack's progress (`parts.attempts.Attempt`) says: the best and the current inputs, the label
+        guess, D, status and counts. One lane's; the engine vmaps it over its lanes."""
+        return dict(inputs=self.inputs(progress.best), current=self.inputs(progress.current),
+                    label_pred=self.labels(progress.best, problem), grad_distance=progress.best_value,
+                    status=progress.status, attempts=progress.attempt + 1, iterations=progress.iterations,
+                    evaluations=progress.evaluations)
+
 
 def make_attack(case: Case, config: AttackConfig, batch_size: int = 1, solver=None) -> Attack:
     model = case.model

@@ -37,7 +37,6 @@ from jax.sharding import PartitionSpec as P
 from dlg_jax.engine.attack import Attack, make_problem
 from dlg_jax.engine.devices import compiler_options
 from dlg_jax.parts import attempts as rules_lib
-from dlg_jax.parts.dummies import fresh_start
 from dlg_jax.parts.objectives import Problem
 
 AXIS = "lanes"  # the mesh axis the lane axis is sharded over
@@ -130,8 +129,7 @@ class Engine:
 
     def _restart(self, lane: Lanes, again, point) -> Lanes:
         """The solver started afresh: at a new N(0, 1) dummy for a new attempt, at `point` for a new prior stage."""
-        key = jax.random.wrap_key_data(lane.problem.key)
-        x = jnp.where(again, fresh_start(key, lane.progress.attempt, self.attack.layout), point)
+        x = rules_lib.restart_point(lane.progress, again, point, lane.problem.key, self.attack.layout)
         return lane._replace(solver=self.attack.solver.init(x, lane.solver))
 
     # ---- the programs (per device shard)
@@ -206,11 +204,8 @@ class Engine:
         return lanes, (-(-used // batch))[None]
 
     def _harvest(self, lanes: Lanes) -> dict:
-        attack, p = self.attack, lanes.progress
-        return dict(inputs=jax.vmap(attack.inputs)(p.best), current=jax.vmap(attack.inputs)(p.current),
-                    label_pred=jax.vmap(attack.labels)(p.best, lanes.problem), grad_distance=p.best_value,
-                    status=p.status, attempts=p.attempt + 1, iterations=p.iterations, evaluations=p.evaluations,
-                    live=lanes.live(), occupied=lanes.occupied)
+        return dict(jax.vmap(self.attack.report)(lanes.progress, lanes.problem), live=lanes.live(),
+                    occupied=lanes.occupied)
 
     # ---- host-facing
     def lane_count(self, wanted: int) -> int:

@@ -141,7 +141,7 @@ class Sweep:
             if finished and on_results:
                 on_results(finished)
             if progress:
-                progress(len(finished), dict(out, busy=busy, slot_job=list(slot_job)))
+                progress(len(finished), out)
         return outcomes
 
     def _refill(self, programs, state, slot_job, queue, images, labels, tasks):

@@ -32,13 +32,14 @@ class Trace:
     values: list  # [(step, D of the current iterate, evaluations so far)]
 
 
-def predict_missing_labels(case: Case, inputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Labels -1 replaced by the model's prediction (a client labels an unlabelled input as its model does)."""
+def predict_missing_labels(case: Case, images: np.ndarray, labels: np.ndarray, dtype) -> np.ndarray:
+    """Labels -1 replaced by the model's prediction on the uint8 images / 255 (a client labels an unlabelled input
+    as its model does)."""
     labels = np.asarray(labels)
     unknown = labels < 0
     if not unknown.any():
         return labels
-    predicted = np.asarray(jnp.argmax(case.model.apply(case.params, jnp.asarray(inputs)), -1))
+    predicted = np.asarray(jnp.argmax(case.model.apply(case.params, jnp.asarray(images, dtype) / 255.0), -1))
     return np.where(unknown, predicted, labels)
 
 
@@ -47,8 +48,7 @@ def attack_one(case: Case, config, images: np.ndarray, labels: np.ndarray, seed:
     """Attack the shared gradient of a batch of private images (uint8 (N, H, W, C); labels -1: the model's
     prediction). `on_step` gets {step, value, evaluations, status} every `snapshot_every` steps."""
     with precision_scope(config):
-        pixels = np.asarray(images, np.float64) / 255.0
-        labels = predict_missing_labels(case, pixels.astype(config.dtype), labels)
+        labels = predict_missing_labels(case, images, labels, config.dtype)
         if config.solver.optimizer == "jaxopt-lbfgs":
             return _jaxopt(case, config, images, labels, seed, on_step, snapshot_every)
         engine = Engine(make_attack(case, config, len(images)), jax.local_devices()[:1])
@@ -118,11 +118,7 @@ def _jaxopt(case: Case, config, images, labels, seed, on_step, every):
     def advance(until):
         nonlocal carry
         carry = step_fn(carry, problem, jnp.int32(min(until, NEVER)))
-        a = carry.attempt
-        out = dict(inputs=attack.inputs(a.best), current=attack.inputs(a.current),
-                   label_pred=attack.labels(a.best, problem), grad_distance=a.best_value, status=a.status,
-                   attempts=a.attempt + 1, iterations=a.iterations, evaluations=a.evaluations)
-        return jax.device_get(out), float(a.current_value)
+        return jax.device_get(attack.report(carry.attempt, problem)), float(carry.attempt.current_value)
 
     out, trace = _trace(config, advance, on_step, every)
     return _outcome(config, labels, out, time.perf_counter() - start, compile_seconds, seed), trace

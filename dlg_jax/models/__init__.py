@@ -12,7 +12,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from dlg_jax.models import lenet
 from dlg_jax.models.lenet import KERNEL, Conv, LeNet, conv2d, hidden_size, init_params, uniform_init  # noqa: F401
 
 Params = Any

@@ -26,6 +26,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dlg_jax.parts.dummies import fresh_start
+
 RUNNING, CONVERGED, MAX_STEPS, DIVERGED, STALLED = 0, 1, 2, 3, 4
 STATUS_NAMES = {RUNNING: "running", CONVERGED: "converged", MAX_STEPS: "max_steps", DIVERGED: "diverged",
                 STALLED: "stalled"}
@@ -89,6 +91,13 @@ def prior_weight(rules: Rules, a: Attempt) -> jax.Array:
     dtype = a.best_value.dtype
     decayed = jnp.asarray(rules.tv_weight, dtype) * jnp.asarray(10.0, dtype) ** (-s.astype(dtype))
     return jnp.where(s >= rules.stages - 1, jnp.zeros((), dtype), decayed)
+
+
+def restart_point(a: Attempt, again: jax.Array, point: jax.Array, key_data: jax.Array, layout) -> jax.Array:
+    """Where the solver starts afresh after `after_evaluation` asked for it: a new N(0, 1) dummy, drawn from
+    fold_in(key, attempt), for a new attempt (`again`); the current iterate `point` for a new prior stage."""
+    fresh = fresh_start(jax.random.wrap_key_data(key_data), a.attempt, layout)
+    return jnp.where(again, fresh, point)
 
 
 def after_evaluation(rules: Rules, a: Attempt, step: Step, point: jax.Array, value: jax.Array,

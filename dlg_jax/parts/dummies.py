@@ -11,7 +11,6 @@ precision, so float32 and float64 attacks start alike.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -34,10 +33,6 @@ class Layout(NamedTuple):
 
     def template(self) -> dict:
         return {name: jnp.zeros(shape, self.dtype) for name, shape in self.shapes.items()}
-
-    @property
-    def size(self) -> int:
-        return sum(math.prod(s) for s in self.shapes.values())
 
     def unravel(self, flat: jax.Array) -> dict:
         return ravel_pytree(self.template())[1](flat)

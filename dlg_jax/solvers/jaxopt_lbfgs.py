@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import jaxopt
 
 from dlg_jax.parts import attempts as rules_lib
-from dlg_jax.parts.dummies import fresh_start
 from dlg_jax.solvers.lbfgs import CURVATURE_EPS, WOLFE_C2
 
 
@@ -76,9 +75,7 @@ def advance(solver: jaxopt.LBFGS, rules: rules_lib.Rules, problem, params, layou
         state, step, point, used = jax.lax.cond(c.restart, lambda: begin(c.x, weight), lambda: iterate(c, weight))
         attempt, again, restart = rules_lib.after_evaluation(rules, c.attempt, step, point, state.value,
                                                              c.attempt.evaluations + used, problem.target)
-        key = jax.random.wrap_key_data(problem.key)
-        x = jnp.where(again, fresh_start(key, attempt.attempt, layout), point)
-        return Carry(x, state, attempt, restart)
+        return Carry(rules_lib.restart_point(attempt, again, point, problem.key, layout), state, attempt, restart)
 
     def going(c: Carry):
         return (c.attempt.status == rules_lib.RUNNING) & (c.attempt.iterations < until_iteration)
