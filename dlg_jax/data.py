@@ -19,11 +19,22 @@ import numpy as np
 
 from dlg_jax.errors import UsageError
 
-# Shapes and class counts of the datasets the CLI knows by name; the host is where tfds downloads from.
+# The class names of the datasets the CLI knows by name (tfds's order), also captions for --image.
+CIFAR100_NAMES = tuple("""apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly
+camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin
+elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man
+maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain
+plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail snake
+spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor train trout tulip
+turtle wardrobe whale willow_tree wolf woman worm""".split())
+CIFAR10_NAMES = tuple("airplane automobile bird cat deer dog frog horse ship truck".split())
+MNIST_NAMES = tuple(str(d) for d in range(10))
+
+# Shapes, class counts and names of those datasets; the host is where tfds downloads from.
 TFDS_DATASETS = {
-    "cifar100": dict(shape=(32, 32, 3), num_classes=100, host="www.cs.toronto.edu"),
-    "cifar10": dict(shape=(32, 32, 3), num_classes=10, host="www.cs.toronto.edu"),
-    "mnist": dict(shape=(28, 28, 1), num_classes=10, host="storage.googleapis.com"),
+    "cifar100": dict(shape=(32, 32, 3), num_classes=100, names=CIFAR100_NAMES, host="www.cs.toronto.edu"),
+    "cifar10": dict(shape=(32, 32, 3), num_classes=10, names=CIFAR10_NAMES, host="www.cs.toronto.edu"),
+    "mnist": dict(shape=(28, 28, 1), num_classes=10, names=MNIST_NAMES, host="storage.googleapis.com"),
 }
 OFFLINE_HINT = "pass --data FILE.npz (keys images, labels) or --image PATH instead"
 

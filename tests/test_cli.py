@@ -35,18 +35,39 @@ def test_cli_short_run_writes_all_outputs(tmp_path):
                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     printed = [line.split() for line in proc.stdout.splitlines() if line[:1].isdigit()]
-    assert [int(p[0]) for p in printed] == [0, 10]  # the objective every 10 steps, as the original
+    assert [int(p[0]) for p in printed] == [0, 10, 19]  # every 10 steps, as the original, and the last
     result = json.loads((out / "result.json").read_text())
     for key in ("index", "label_true", "label_pred", "mse", "psnr", "ssim", "grad_distance", "steps", "evaluations",
                 "seconds", "compile_seconds", "status"):
         assert key in result, key
     assert result["index"] == 25 and result["label_true"] == 84 and result["label_pred"] == 84
-    assert result["status"] in ("converged", "max_steps") and 0 < result["steps"] <= 20
+    assert result["status"] in ("converged", "max_steps", "max_evaluations") and 0 < result["steps"] <= 20
     assert np.isfinite(result["grad_distance"]) and result["evaluations"] >= result["steps"]
-    for name in ("history.png", "reconstruction.png"):
+    for name in ("history.png", "reconstruction.png", "trace.png"):
         with Image.open(out / name) as image:
             assert image.size[0] > 200
+    with Image.open(out / "history.gif") as gif:
+        assert gif.n_frames == 3  # steps 0, 10 and the last (19)
+    trace = result["trace"]
+    assert trace["step"] == list(range(result["stopped_at_step"] + 1)) and len(trace["psnr"]) == len(trace["step"])
+    assert trace["grad_distance"][0] > trace["grad_distance"][-1] and trace["evaluations"][-1] == result["evaluations"]
     assert not (out / "result.json.tmp").exists()
+
+
+@pytest.mark.skipif(not CIFAR100.exists(), reason="shared data missing")
+def test_cli_says_where_the_attack_stopped_and_prints_nothing_after(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("--data", CIFAR100, "--index", 25, "--steps", 100, "--label-strategy", "idlg", "--tolerance", "1e-2",
+                   "--out", out, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    stop = result["stopped_at_step"]
+    assert result["status"] == "converged" and 0 < stop < 99 and result["steps"] == stop + 1
+    printed = [int(line.split()[0]) for line in proc.stdout.splitlines() if line[:1].isdigit()]
+    assert printed == list(range(0, stop, 10)) + [stop] * (stop % 10 != 0)  # every 10 steps, then the stop only
+    assert f"converged at step {stop}" in proc.stdout.splitlines()[-1]
+    assert proc.stdout.splitlines()[0].startswith("compiling")
+    assert len(result["trace"]["step"]) == stop + 1 and result["trace"]["grad_distance"][-1] <= result["grad_distance"] * 1.0001
 
 
 @pytest.mark.skipif(not CIFAR100.exists(), reason="shared data missing")
@@ -58,7 +79,7 @@ def test_cli_image_file_source(tmp_path):
                    "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "o" / "result.json").read_text())
-    assert result["label_true"] == 7 and result["label_pred"] == 7
+    assert result["label_true"] == 7 and result["label_pred"] == 7 and result["label_name_true"] == "beetle"
 
 
 @pytest.mark.skipif(not CIFAR100.exists(), reason="shared data missing")  # some cases read it

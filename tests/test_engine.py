@@ -99,7 +99,7 @@ def test_budget_of_evaluations_ends_attacks_at_the_evaluation_that_spends_it(cas
     config = TINY.override(evaluations_per_step=3, retries=0)  # 12 evaluations for 20 iterations
     images, labels = data
     for o in Sweep(case64, config).run(images, labels, TASKS[:3], lanes=2):
-        assert o.status == "max_steps" and o.evaluations == config.rules.max_evaluations
+        assert o.status == "max_evaluations" and o.evaluations == config.rules.max_evaluations
         assert o.iterations < config.rules.max_iterations
 
 

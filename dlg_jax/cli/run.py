@@ -1,8 +1,9 @@
 """Run one DLG attack and save what it recovered: `python -m dlg_jax.run --index 25`.
 
 By default the private image is CIFAR-100 train[25] (label 84, 'table'), the original demo. The attack
-prints the gradient distance every 10 steps, as the original does, and writes to --out:
-history.png (the dummy every 10 steps), reconstruction.png (truth beside reconstruction) and result.json.
+prints the gradient distance every 10 steps, as the original does, until it stops, and writes to --out:
+history.png and history.gif (the dummy every 10 steps and where it stopped), reconstruction.png (truth beside
+reconstruction), trace.png (D and PSNR per step) and result.json (metrics, status, the per-step trace).
 """
 
 from __future__ import annotations
@@ -58,8 +59,7 @@ def load_private_data(args) -> tuple[data_lib.Dataset, list[int], list[int]]:
         if args.label is not None and len(args.label) != len(args.image):
             raise UsageError(f"--label: {len(args.label)} label(s) for {len(args.image)} image(s)")
         spec = data_lib.TFDS_DATASETS[args.dataset]
-        names = [str(c) for c in range(spec["num_classes"])]
-        dataset = data_lib.load_images(args.image, spec["shape"], args.label, names)
+        dataset = data_lib.load_images(args.image, spec["shape"], args.label, spec["names"])
         positions = list(range(len(dataset)))
         return dataset, positions, positions
     if args.label is not None:
@@ -82,26 +82,32 @@ def write_outputs(out: Path, dataset: data_lib.Dataset, positions: Sequence[int]
     images are shown and judged in the order `judge` matches them to the private images."""
     from dlg_jax.results.files import dumps, write_atomic
     from dlg_jax.results.judge import judge
-    from dlg_jax.results.plots import save_history, save_reconstruction
+    from dlg_jax.results.plots import save_gif, save_history, save_reconstruction, save_trace
 
     truth = dataset.images[list(positions)] / 255.0
     result, order = judge(truth, outcome.reconstruction, outcome.label_pred, outcome.label_true, indices,
                           dataset.label_names)
     per_image = result.get("images", [result])
     out.mkdir(parents=True, exist_ok=True)
-    save_history(out / "history.png", [(step, images[order]) for step, images in trace.snapshots])
-    captions = [(f"truth #{r['index']}: {r['label_true']} {r['label_name_true']}",
-                 f"DLG: {r['label_pred']} {r['label_name_pred']}, {r['psnr']:.1f} dB") for r in per_image]
+    history = [(step, images[order]) for step, images in trace.snapshots]
+    save_history(out / "history.png", history, stop=outcome.status)
+    save_gif(out / "history.gif", history)
+    save_trace(out / "trace.png", trace.values, trace.scores, stop=outcome.status)
+    files = [Path(f).name for f in args.image] if args.image else None
+    captions = [(f"truth {files[n] if files else '#' + str(r['index'])}: {r['label_true']} {r['label_name_true']}",
+                 f"DLG: {r['label_pred']} {r['label_name_pred']}, {r['psnr']:.1f} dB") for n, r in enumerate(per_image)]
     save_reconstruction(out / "reconstruction.png", truth, outcome.reconstruction[order], captions)
     result.update({k: getattr(outcome, k) for k in ("grad_distance", "steps", "iterations", "evaluations", "seconds",
                                                     "compile_seconds", "status", "attempts")})
     result.update(source=dataset.source, seed=args.seed, model=args.model, model_seed=args.model_seed,
-                  preset=args.preset, config=config.to_dict())
+                  preset=args.preset, config=config.to_dict(), stopped_at_step=trace.stopped_at,
+                  trace=dict(step=[v[0] for v in trace.values], grad_distance=[v[1] for v in trace.values],
+                             evaluations=[v[2] for v in trace.values], psnr=[v[1] for v in trace.scores]))
     write_atomic(out / "result.json", dumps(result, indent=2) + "\n")
     return result
 
 
-OUTPUTS = ("history.png", "reconstruction.png", "result.json")
+OUTPUTS = ("history.png", "history.gif", "trace.png", "reconstruction.png", "result.json")
 
 
 def prepare_out(path: str | None) -> tuple[Path, bool]:
@@ -168,12 +174,16 @@ def _attack(args, prog, config, note, dataset, positions, indices, case, out: Pa
         if not args.quiet:
             print(f"{progress['step']} {progress['value']:.4f}", flush=True)
 
+    def compiling() -> None:
+        if not args.quiet:
+            print(f"compiling the attack ({config.solver.optimizer}, {len(positions)} image(s)) ...", flush=True)
+
     outcome, trace = attack_one(case, config, dataset.images[positions], dataset.labels[positions], args.seed,
-                                on_step=show, snapshot_every=snapshot_every(config.rules.steps))
+                                on_step=show, snapshot_every=snapshot_every(config.rules.steps), on_compile=compiling)
     result = write_outputs(out, dataset, positions, indices, outcome, trace, config, args)
     labels = (f"label {result['label_pred']} (true {result['label_true']})" if "label_pred" in result
               else f"labels {100 * result['label_accuracy']:.0f}% right")
-    print(f"{outcome.status}: PSNR {result['psnr']:.2f} dB{' (batch mean)' if 'images' in result else ''}, "
+    print(f"{outcome.status} at step {trace.stopped_at} (D = {outcome.grad_distance:.3g}): PSNR {result['psnr']:.2f} dB{' (batch mean)' if 'images' in result else ''}, "
           f"{labels}, {outcome.seconds:.2f} s + {outcome.compile_seconds:.2f} s compile, "
           f"{outcome.evaluations} evaluations -> {out}")
     return 0

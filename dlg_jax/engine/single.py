@@ -9,6 +9,7 @@ bench_redesign.md).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable
 
@@ -21,15 +22,18 @@ from dlg_jax.engine.devices import compiler_options
 from dlg_jax.engine.lanes import NEVER, Engine
 from dlg_jax.engine.scheduler import Outcome, Task
 from dlg_jax.parts.attempts import RUNNING, STATUS_NAMES
+from dlg_jax.results.metrics import matched_psnr
 
 
 @dataclasses.dataclass
 class Trace:
-    """What happened along the way: the dummy every `every` steps, and D after each of them."""
+    """What happened along the way: D after every step, the dummy every `every` steps and at the last one."""
 
     every: int
-    snapshots: list  # [(step, inputs (N, ...) of the current iterate)]
-    values: list  # [(step, D of the current iterate, evaluations so far)]
+    snapshots: list  # [(step, inputs (N, ...) of the current iterate)], the last at `stopped_at`
+    values: list  # [(step, D of the current iterate, evaluations so far)], one per step taken
+    stopped_at: int | None = None  # the last step taken (0-based, as `step` above)
+    scores: list = dataclasses.field(default_factory=list)  # [(step, score(current inputs))] when a score is given
 
 
 def predict_missing_labels(case: Case, images: np.ndarray, labels: np.ndarray, dtype) -> np.ndarray:
@@ -44,13 +48,19 @@ def predict_missing_labels(case: Case, images: np.ndarray, labels: np.ndarray, d
 
 
 def attack_one(case: Case, config, images: np.ndarray, labels: np.ndarray, seed: int = 1234,
-               on_step: Callable[[dict], None] | None = None, snapshot_every: int = 10) -> tuple[Outcome, Trace]:
+               on_step: Callable[[dict], None] | None = None, snapshot_every: int = 10,
+               on_compile: Callable[[], None] | None = None) -> tuple[Outcome, Trace]:
     """Attack the shared gradient of a batch of private images (uint8 (N, H, W, C); labels -1: the model's
-    prediction). `on_step` gets {step, value, evaluations, status} every `snapshot_every` steps."""
+    prediction). `on_step` gets {step, value, evaluations, status, stopped} every `snapshot_every` steps and at
+    the last; `on_compile` is called before compiling. The trace has D per step and the PSNR of the current
+    dummy against the private images (matched, as `judge` does) per step."""
     with precision_scope(config):
         labels = predict_missing_labels(case, images, labels, config.dtype)
+        score = functools.partial(matched_psnr, np.asarray(images) / 255.0)
+        if on_compile:
+            on_compile()
         if config.solver.optimizer == "jaxopt-lbfgs":
-            return _jaxopt(case, config, images, labels, seed, on_step, snapshot_every)
+            return _jaxopt(case, config, images, labels, seed, on_step, snapshot_every, score)
         engine = Engine(make_attack(case, config, len(images)), jax.local_devices()[:1])
         start = time.perf_counter()
         programs = engine.compile(1)
@@ -65,24 +75,35 @@ def attack_one(case: Case, config, images: np.ndarray, labels: np.ndarray, seed:
             out = engine.harvest(programs, lanes)
             return {k: v[0] for k, v in out.items()}, float(lanes.progress.current_value[0])
 
-        out = _trace(config, advance, on_step, snapshot_every)
+        out = _trace(config, advance, on_step, snapshot_every, score)
         seconds = time.perf_counter() - start
         return _outcome(config, labels, out[0], seconds, compile_seconds, seed), out[1]
 
 
-def _trace(config, advance, on_step, every: int):
-    """Advance to each snapshot step, recording the current dummy and D; then on to the end."""
+def _trace(config, advance, on_step, every: int, score=None):
+    """Advance step by step until the attack stops: D after each step (and `score` of the current inputs, e.g.
+    PSNR against the truth), the dummy every `every` steps and at the step it stopped; `on_step` at those."""
     trace = Trace(every, [], [])
     per_step = config.rules.iterations_per_step
     out = None
-    for step in range(0, config.rules.steps, every):
+    for step in range(config.rules.steps):
         out, value = advance((step + 1) * per_step)
-        trace.snapshots.append((step, np.asarray(out["current"])))
+        stopped = int(out["status"]) != RUNNING
+        if stopped:  # it stopped within this step (or before it, at a budget): the step it was in
+            step = max(0, -(-int(out["iterations"]) // per_step) - 1)
         trace.values.append((step, value, int(out["evaluations"])))
-        if on_step:
-            on_step(dict(step=step, value=value, evaluations=int(out["evaluations"]), status=int(out["status"])))
+        if score is not None:
+            trace.scores.append((step, score(np.asarray(out["current"]))))
+        if step % every == 0 or stopped:
+            trace.snapshots.append((step, np.asarray(out["current"])))
+            if on_step:
+                on_step(dict(step=step, value=value, evaluations=int(out["evaluations"]), status=int(out["status"]),
+                             stopped=stopped))
+        if stopped:
+            break
     if out is None or int(out["status"]) == RUNNING:
         out, _ = advance(NEVER)
+    trace.stopped_at = trace.values[-1][0] if trace.values else None
     return out, trace
 
 
@@ -96,7 +117,7 @@ def _outcome(config, labels, out: dict, seconds: float, compile_seconds: float, 
                    seconds=seconds, compile_seconds=compile_seconds, restart_distances=[float(out["grad_distance"])])
 
 
-def _jaxopt(case: Case, config, images, labels, seed, on_step, every):
+def _jaxopt(case: Case, config, images, labels, seed, on_step, every, score):
     """The direct path: jaxopt.LBFGS iteration by iteration, under the same attempt rules."""
     from dlg_jax.solvers import jaxopt_lbfgs as J
 
@@ -120,5 +141,5 @@ def _jaxopt(case: Case, config, images, labels, seed, on_step, every):
         carry = step_fn(carry, problem, jnp.int32(min(until, NEVER)))
         return jax.device_get(attack.report(carry.attempt, problem)), float(carry.attempt.current_value)
 
-    out, trace = _trace(config, advance, on_step, every)
+    out, trace = _trace(config, advance, on_step, every, score)
     return _outcome(config, labels, out, time.perf_counter() - start, compile_seconds, seed), trace

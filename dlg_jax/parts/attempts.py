@@ -9,7 +9,8 @@ An attack is a series of attempts from random starts. After each evaluation of t
 - **fresh starts**: a stalled or diverged attempt starts again from a new N(0, 1) dummy while retries and
   budget remain (`again`);
 - **budgets**: iterations (steps x iterations per step) over all attempts, checked as an iteration completes,
-  and evaluations (steps x evaluations per step), checked at every evaluation (MAX_STEPS);
+  and evaluations (steps x evaluations per step), checked at every evaluation (MAX_STEPS, MAX_EVALUATIONS: which
+  budget ran out first);
 - **prior stages**: with a TV prior, its weight is tv_weight / 10^stage over equal stages of an attempt's
   iterations, 0 in the last; at a stage's end the solver starts afresh from the current iterate (the
   objective changed), and the best iterate is tracked anew (D's at different weights are not comparable).
@@ -28,9 +29,9 @@ import jax.numpy as jnp
 
 from dlg_jax.parts.dummies import fresh_start
 
-RUNNING, CONVERGED, MAX_STEPS, DIVERGED, STALLED = 0, 1, 2, 3, 4
+RUNNING, CONVERGED, MAX_STEPS, DIVERGED, STALLED, MAX_EVALUATIONS = 0, 1, 2, 3, 4, 5
 STATUS_NAMES = {RUNNING: "running", CONVERGED: "converged", MAX_STEPS: "max_steps", DIVERGED: "diverged",
-                STALLED: "stalled"}
+                STALLED: "stalled", MAX_EVALUATIONS: "max_evaluations"}
 
 
 class Step(NamedTuple):
@@ -124,11 +125,13 @@ def after_evaluation(rules: Rules, a: Attempt, step: Step, point: jax.Array, val
                                 [DIVERGED, CONVERGED, STALLED, MAX_STEPS], RUNNING)
     start_status = jnp.where(finite, RUNNING, DIVERGED)
     status = jnp.where(step.iterated, iterate_status, jnp.where(step.started, start_status, a.status))
-    status = jnp.where((status == RUNNING) & (evaluations >= rules.max_evaluations), MAX_STEPS, status)
+    spent_evaluations = evaluations >= rules.max_evaluations
+    status = jnp.where((status == RUNNING) & spent_evaluations, MAX_EVALUATIONS, status)
 
     failed = (status == STALLED) | (status == DIVERGED)
-    again = failed & (a.attempt < rules.retries) & ~spent_iterations & (evaluations < rules.max_evaluations)
-    status = jnp.where(again, RUNNING, jnp.where(status == STALLED, MAX_STEPS, status))
+    again = failed & (a.attempt < rules.retries) & ~spent_iterations & ~spent_evaluations
+    out_of_budget = jnp.where(spent_evaluations, MAX_EVALUATIONS, MAX_STEPS)
+    status = jnp.where(again, RUNNING, jnp.where(status == STALLED, out_of_budget, status))
     next_stage = (status == RUNNING) & step.iterated & ~again & (done % rules.stage_iterations == 0)
     if rules.stages == 1:  # no prior: one stage, and the iteration budget ends it
         next_stage = jnp.zeros((), bool)

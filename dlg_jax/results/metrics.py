@@ -35,3 +35,10 @@ def match_to_truth(truth: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
     cost = ((truth[:, None, :] - recon[None, :, :]) ** 2).mean(-1)
     rows, cols = linear_sum_assignment(cost)
     return cols[np.argsort(rows)]
+
+
+def matched_psnr(truth: np.ndarray, reconstruction: np.ndarray) -> float:
+    """Mean PSNR (dB) over a batch after matching it to the truth (`match_to_truth`); numpy only, for traces."""
+    recon = np.clip(np.asarray(reconstruction, np.float64), 0.0, 1.0)[match_to_truth(truth, reconstruction)]
+    mse = np.mean((np.asarray(truth, np.float64) - recon) ** 2, axis=tuple(range(1, recon.ndim)))
+    return float(np.mean(10.0 * np.log10(1.0 / np.maximum(mse, 1e-30))))

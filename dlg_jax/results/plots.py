@@ -21,10 +21,12 @@ def _show(ax, image: np.ndarray) -> None:
     ax.axis("off")
 
 
-def save_history(path: Path, snapshots: Sequence[tuple[int, np.ndarray]], columns: int = 10) -> None:
+def save_history(path: Path, snapshots: Sequence[tuple[int, np.ndarray]], columns: int = 10,
+                 stop: str | None = None) -> None:
     """A grid of dummy images every few steps, titled `iter=k`; one block of rows per image of the batch.
 
     `snapshots` is [(step, images (N, H, W, C))]; 300 steps snapshotted every 10 give the original's 3x10.
+    `stop` (e.g. "converged"): the last snapshot is where the attack stopped, titled so in red.
     """
     num_images = snapshots[0][1].shape[0]
     rows_per_image = -(-len(snapshots) // columns)
@@ -36,7 +38,8 @@ def save_history(path: Path, snapshots: Sequence[tuple[int, np.ndarray]], column
         for i, (step, images) in enumerate(snapshots):
             ax = axes[n * rows_per_image + i // columns, i % columns]
             _show(ax, images[n])
-            ax.set_title(f"iter={step}", fontsize=7)
+            last = stop is not None and i == len(snapshots) - 1
+            ax.set_title(f"{stop} {step}" if last else f"iter={step}", fontsize=7, color="tab:red" if last else "black")
     fig.tight_layout()
     save_figure(path, fig, dpi=100)
     plt.close(fig)
@@ -54,3 +57,50 @@ def save_reconstruction(path: Path, truths: np.ndarray, reconstructions: np.ndar
     fig.tight_layout()
     save_figure(path, fig, dpi=100)
     plt.close(fig)
+
+
+def save_trace(path: Path, values: Sequence[tuple[int, float, int]], scores: Sequence[tuple[int, float]],
+               stop: str | None = None) -> None:
+    """The gradient distance D (log scale) and the PSNR of the current dummy against the truth, per step."""
+    steps = [v[0] for v in values]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.semilogy(steps, [max(v[1], 1e-30) for v in values], color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("gradient distance D", color="tab:blue")
+    if scores:
+        twin = ax.twinx()
+        twin.plot([s[0] for s in scores], [s[1] for s in scores], color="tab:orange")
+        twin.set_ylabel("PSNR (dB)", color="tab:orange")
+    if stop is not None and steps:
+        ax.axvline(steps[-1], color="tab:red", linestyle="--", linewidth=1)
+        ax.set_title(f"{stop} at step {steps[-1]}", fontsize=9)
+    fig.tight_layout()
+    save_figure(path, fig, dpi=100)
+    plt.close(fig)
+
+
+def save_gif(path: Path, snapshots: Sequence[tuple[int, np.ndarray]], scale: int = 4, frame_ms: int = 150) -> None:
+    """The dummy over the steps as an animated GIF, like the original's demo: one frame per snapshot, the batch
+    side by side, the step written above; the last frame held longer."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    from dlg_jax.results.files import write_atomic
+
+    frames = []
+    for step, images in snapshots:
+        tiles = np.clip(np.asarray(images, np.float64), 0.0, 1.0)
+        row = np.concatenate(list(tiles), axis=1)  # (H, N*W, C)
+        row = np.repeat(np.repeat((row * 255.0).round().astype(np.uint8), scale, 0), scale, 1)
+        if row.shape[-1] == 1:
+            row = np.repeat(row, 3, axis=-1)
+        canvas = np.full((row.shape[0] + 14, row.shape[1], 3), 255, np.uint8)
+        canvas[14:] = row
+        frame = Image.fromarray(canvas)
+        ImageDraw.Draw(frame).text((2, 1), f"iter={step}", fill=(0, 0, 0))
+        frames.append(frame)
+    buffer = io.BytesIO()
+    durations = [frame_ms] * (len(frames) - 1) + [frame_ms * 10]
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    write_atomic(path, buffer.getvalue())
