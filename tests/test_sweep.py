@@ -216,9 +216,28 @@ def test_resume_after_kill_neither_loses_nor_duplicates_rows(tmp_path):
     for name in ("summary.md", "psnr_histogram.png", "worst.png", "config.json"):
         assert (out / name).stat().st_size > 0, name
     assert len(list((out / "reconstructions").glob("*.npz"))) == 10
+    import csv
+
+    with (out / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 10 and list(table[0])[:4] == ["index", "seed", "batch_index", "slot"]
+    assert {(int(r["index"]), int(r["seed"])) for r in table} == set(keys)
+    assert all(float(r["psnr"]) == pytest.approx(next(x["psnr"] for x in rows if (x["index"], x["seed"]) ==
+                                                      (int(r["index"]), int(r["seed"])))) for r in table)
 
     same = run_cli(*args, cwd=tmp_path)  # all done: nothing to do, nothing appended
-    assert same.returncode == 0 and read_rows(out) == rows
+    assert same.returncode == 0 and read_rows(out) == rows and "resuming: 10 done, 0 to go" in same.stderr
+
+    (out / "summary.json").unlink()
+    (out / "results.csv").unlink()
+    redo = subprocess.run([sys.executable, "-m", "dlg_jax.report", str(out)], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert redo.returncode == 0 and "10 attacks in" in redo.stdout, redo.stderr
+    assert json.loads((out / "summary.json").read_text())["summary"]["rows"] == 10
+    assert len((out / "results.csv").read_text().splitlines()) == 11
+    bad = subprocess.run([sys.executable, "-m", "dlg_jax.report", str(tmp_path)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "no config.json" in bad.stderr
 
 
 @pytest.mark.skipif(not CIFAR100.exists(), reason="shared data missing")

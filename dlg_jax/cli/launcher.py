@@ -46,6 +46,9 @@ def launch(args, argv: list[str], prog: str, results, total: int, summarise) -> 
             workers.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=logs[-1], preexec_fn=pin))
         from tqdm import tqdm
 
+        if not args.quiet:
+            print(f"{prog}: {args.processes} workers compiling, then attacking (the bar counts finished attacks) ...",
+                  file=sys.stderr, flush=True)
         with tqdm(total=total, unit="attack", desc="sweep", disable=args.quiet, dynamic_ncols=True) as bar:
             while any(w.poll() is None for w in workers):
                 time.sleep(1.0)

@@ -31,9 +31,9 @@ from typing import Sequence
 from dlg_jax import data as data_lib
 from dlg_jax.cli.common import (ArgumentParser, add_attack_flags, attack_config, case_from_args, enable_compilation_cache,
                                 fail, positive_int)
+from dlg_jax.cli.report import summarise_dir as _summarise
 from dlg_jax.errors import UsageError
 from dlg_jax.ranges import parse_range
-from dlg_jax.results import report
 from dlg_jax.results.store import ResultsDir
 
 MAX_SEED = 2**31 - 1
@@ -193,7 +193,11 @@ def _main(args, argv, prog: str) -> int:
     enable_compilation_cache()
     runner = _runner(args, dataset, config)
     if pending:
-        runner.compile(runner.lanes_for(len(pending), args.lanes))  # refuses too many lanes, before DIR
+        lanes = runner.lanes_for(len(pending), args.lanes)
+        if not args.quiet and args.worker is None:
+            print(f"{prog}: compiling the attack for {lanes} lanes on {devices} device(s) ...", file=sys.stderr,
+                  flush=True)
+        runner.compile(lanes)  # refuses too many lanes, before DIR
     results.open(lock="own" if args.worker is not None else "shared" if args.distributed else "exclusive")
     done = {(r["index"], r["seed"]) for r in results.rows()}  # another sweep may have finished some meanwhile
     pending = [(i, s) for i, s in pending if (i, s) not in done]
@@ -218,18 +222,6 @@ def _runner(args, dataset: data_lib.Dataset, config):
                  lane_by_lane=lane_by_lane)
 
 
-def _summarise(results: ResultsDir) -> None:
-    rows = results.rows()
-    # one file per host or worker, side by side: the slowest sets the pace (one file: its rows' sum)
-    summary = report.write(results.path, rows, results.identity,
-                           attack_seconds=max(results.seconds_by_file().values(), default=None))
-    if rows:
-        print(f"{summary['rows']} attacks in {results.path}: {summary['successes']} at PSNR >= "
-              f"{report.SUCCESS_DB:.0f} dB ({100 * summary['success_rate']:.1f}%), median PSNR "
-              f"{summary['median_psnr']:.2f} dB, labels {100 * summary['label_accuracy']:.1f}% right, "
-              f"{summary['attacks_per_hour']:.0f} attacks/hour")
-
-
 def _run(args, runner, dataset: data_lib.Dataset, position: dict[int, int], members: dict[int, list[int]],
          pending, results: ResultsDir):
     """Attack the pending (index, seed) pairs (index: a batch's first), appending each chunk's rows as it finishes.
@@ -239,6 +231,7 @@ def _run(args, runner, dataset: data_lib.Dataset, position: dict[int, int], memb
     """
     if not pending:
         return
+    import numpy as np
     from tqdm import tqdm
 
     from dlg_jax.engine.scheduler import Task
@@ -261,11 +254,21 @@ def _run(args, runner, dataset: data_lib.Dataset, position: dict[int, int], memb
             images[(index, seed)] = ((truth, o.reconstruction[order]) if batched else (truth[0], o.reconstruction[0]))
         results.append(rows, images)
 
-    with tqdm(total=len(tasks), unit="attack", desc="sweep", disable=args.quiet, dynamic_ncols=True,
-              smoothing=0.05) as bar:
+    budget = runner.config.rules.max_evaluations
+    with tqdm(total=len(tasks), unit="attack", desc="sweep", disable=args.quiet, dynamic_ncols=True, smoothing=0.05,
+              bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]") as bar:
+        finished_so_far = 0
+
         def progress(finished: int, out: dict) -> None:
-            bar.set_postfix(lanes=int(out["live"].sum()), refresh=False)
-            bar.update(finished)
+            """Finished attacks, plus each running lane's share of its evaluation budget: the bar moves (and
+            its ETA with it) while lanes run, not only when they end; it never goes back, since a lane's share
+            (< 1 / restarts) is replaced by a whole attack when it finishes."""
+            nonlocal finished_so_far
+            finished_so_far += finished
+            running = np.asarray(out["live"], bool)
+            spent = float(np.minimum(np.asarray(out["evaluations"])[running] / budget, 1.0).sum()) / runner.restarts
+            bar.set_postfix(lanes=int(running.sum()), refresh=False)
+            bar.update(max(0.0, min(len(tasks), finished_so_far + spent) - bar.n))
 
         runner.run(dataset.images, dataset.labels, tasks, lanes=args.lanes, on_results=save, progress=progress)
 

@@ -1,4 +1,5 @@
-"""The results table of a sweep: summary.json, summary.md, a PSNR histogram and the worst reconstructions.
+"""The results table of a sweep: summary.json, summary.md, results.csv, a PSNR histogram and the worst
+reconstructions.
 
 Everything here is computed from the rows (`results*.jsonl`) and the saved reconstructions alone, so a
 summary can be rewritten at any time, by any host, from what is on disk.
@@ -171,12 +172,35 @@ def image_name(index: int, seed: int) -> str:
     return f"{index}-{seed}.npz"
 
 
+CSV_FIRST = ("index", "seed", "batch_index", "slot", "label_true", "label_pred", "label_name_true", "label_name_pred",
+             "psnr", "ssim", "mse", "grad_distance", "status", "attempts", "steps", "iterations", "evaluations",
+             "seconds", "compile_seconds", "restart", "restarts", "restart_distances")
+
+
+def csv_text(rows: Sequence[dict]) -> str:
+    """One line per private image (`image_rows`), flat: lists joined by ';', the batch's own nested rows
+    dropped. Columns: CSV_FIRST, then any other key in sorted order (pandas.read_csv reads it as is)."""
+    import csv
+    import io
+
+    flat = [{k: ";".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in r.items()
+             if not isinstance(v, dict) and k != "images"} for r in image_rows(rows)]
+    keys = set().union(*flat) if flat else set()
+    columns = [k for k in CSV_FIRST if k in keys] + sorted(keys - set(CSV_FIRST))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat)
+    return buffer.getvalue()
+
+
 def write(out: Path, rows: Sequence[dict], config: dict, worst: int = 16, attack_seconds: float | None = None) -> dict:
-    """Write summary.json, summary.md, psnr_histogram.png and worst.png into `out` (each atomically)."""
+    """Write summary.json, summary.md, results.csv, psnr_histogram.png and worst.png into `out` (atomically)."""
     rows = sorted(rows, key=lambda r: (r["index"], r["seed"]))
     summary = summarise(rows, attack_seconds)
     write_atomic(out / "summary.json", dumps(dict(summary=summary, config=config), indent=2) + "\n")
     write_atomic(out / "summary.md", markdown(summary, rows, config))
+    write_atomic(out / "results.csv", csv_text(rows))
     if rows:
         save_histogram(out / "psnr_histogram.png", rows)
         save_worst(out / "worst.png", rows, out / "reconstructions", worst)
