@@ -97,16 +97,22 @@ def _load(args, indices: list[int]) -> tuple[data_lib.Dataset, dict[int, int]]:
 
 
 def _identity(args, dataset: data_lib.Dataset, config, devices: int) -> tuple[dict, dict]:
-    """What the rows depend on (a rerun in the same DIR must match it; the work list may grow), and the
-    provenance stored beside it but not compared. The data is identified by content (a copy elsewhere is the
-    same data; other content at the same path is not); `devices`: JAX devices per process, since XLA rounds a
-    program sharded over 2 devices differently from one on 1 (results differ in the last bits, then chaotically)."""
     source = "npz" if args.data else f"tfds {args.dataset}[{args.split}]"
+    identity = sweep_identity(source, dataset, config, args.model, args.model_seed, args.restarts, args.batch_size,
+                              devices)
+    return identity, dict(data=args.data if args.data else source, out=args.out)
+
+
+def sweep_identity(source: str, dataset: data_lib.Dataset, config, model: str, model_seed: int, restarts: int,
+                   batch_size: int, devices: int) -> dict:
+    """What the rows depend on (a rerun in the same DIR must match it; the work list may grow); provenance is
+    stored beside it but not compared. The data is identified by content (a copy elsewhere is the same data;
+    other content at the same path is not); `devices`: JAX devices per process, since XLA rounds a program
+    sharded over 2 devices differently from one on 1 (results differ in the last bits, then chaotically)."""
     data = dict(source=source, sha256=dataset.content_hash(), image_shape=list(dataset.image_shape),
                 num_classes=dataset.num_classes)
-    identity = dict(data=data, attack=config.to_dict(), model=args.model, model_seed=args.model_seed,
-                    restarts=args.restarts, batch_size=args.batch_size, devices_per_process=devices)
-    return identity, dict(data=args.data if args.data else source, out=args.out)
+    return dict(data=data, attack=config.to_dict(), model=model, model_seed=model_seed, restarts=restarts,
+                batch_size=batch_size, devices_per_process=devices)
 
 
 def _hosts(args) -> tuple[int, int]:

@@ -109,6 +109,12 @@ class ResultsDir:
                 raise UsageError(f"--out {self.path}: another sweep is writing there") from None
             self._locks.append(handle)
 
+    def close(self) -> None:
+        """Release DIR's locks (the OS releases them at exit anyway)."""
+        for handle in self._locks:
+            handle.close()
+        self._locks = []
+
     def open(self, lock: str | None = "exclusive") -> None:
         """Create DIR, take the lock, store config.json and repair a row file cut short by a crash."""
         self.check_writable()
