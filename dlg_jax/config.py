@@ -173,11 +173,11 @@ FIELD_SECTIONS = _field_sections()
 # Presets: named starting points, as flax examples' get_config().
 
 PRESETS: dict[str, AttackConfig] = {
-    # The paper: joint labels, free pixels, squared L2 distance, L-BFGS (measured settings, README).
+    # The paper: joint labels, free pixels, squared L2 distance, L-BFGS (measured settings: docs/performance.md).
     "dlg": AttackConfig(),
     # iDLG: the label read off the last layer's gradient (exact for one image), the images optimised alone.
     "idlg": AttackConfig(labels="idlg"),
-    # Batches of 2-8 images (README "Batches"): analytic labels, sigmoid pixels, colour TV 1e-5 in 4 stages.
+    # Batches of 2-8 images (docs/batches.md): analytic labels, sigmoid pixels, colour TV 1e-5 in 4 stages.
     "batch": AttackConfig(labels="idlg", dummy="sigmoid", objective=Objective(tv_weight=1e-5, tv_stages=4),
                           rules=Rules(steps=600)),
     # The reference procedure: torch.optim.LBFGS's semantics, one attempt, every step run (no early stop).

@@ -47,7 +47,7 @@ def total_variation(images: jax.Array, smoothing: float = 1e-4) -> jax.Array:
 
     Small for piecewise-smooth natural images, large for the noise a gradient match leaves free. The channels
     share one root (vectorial TV, Blomgren and Chan, 1998), so an edge costs the same in every colour and
-    colour edges stay aligned: measured 1.4 dB better than per-channel TV on batches of 4 (README, "Batches").
+    colour edges stay aligned: measured 1.4 dB better than per-channel TV on batches of 4 (docs/batches.md).
     `eps` keeps it differentiable where the image is flat, as L-BFGS needs.
     """
     down = images[:, :-1, :-1] - images[:, 1:, :-1]

@@ -10,7 +10,7 @@ lane is always either trying a line-search step or starting, so one call is one 
 
 Its decisions are jaxopt's (backtracking on Armijo / Wolfe / strong Wolfe, the "increase" first trial,
 gamma = s.y / y.y), so each lane follows jaxopt.LBFGS's trajectory to float rounding (the oracle test). Two
-changes, both measured on the shared CIFAR-100 images (README, "Solver settings"):
+changes, both measured on the shared CIFAR-100 images (docs/performance.md, "Solver settings"):
 
 - Armijo's sufficient decrease alone, halving the step (jaxopt's strong Wolfe by 0.8 spent 30 trials on
   steps too short for the curvature test, which backtracking cannot fix): 30-60% fewer evaluations.
