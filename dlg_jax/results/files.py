@@ -53,10 +53,19 @@ def check_writable(directory: Path) -> None:
         raise UsageError(f"--out {directory}: cannot write there ({error.strerror or error})") from None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write `data` to a temporary file beside `path` (unpredictable name), fsync, then rename it over `path`.
+    The file gets the permissions of an ordinary new file (0666 less the umask), not mkstemp's private 0600."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
