@@ -310,12 +310,12 @@ def test_batch_too_large_names_one_that_fits(monkeypatch):
     sweep = Sweep(cifar_case(), AttackConfig().override(steps=1, iterations_per_step=1, history_size=10),
                   devices=jax.devices()[:1])
     monkeypatch.setattr(memory, "available_bytes", lambda device: 20 * 2**20)
-    with pytest.raises(memory.BatchTooLarge, match=r"^--batch 64: needs ~.* GiB per device \((.*) MiB per attack\) but "
-                                                   r"0.0 GiB is free: use --batch (\d+) or less$") as error:
+    with pytest.raises(memory.BatchTooLarge, match=r"^--lanes 64: needs ~.* GiB per device \((.*) MiB per attack\) but "
+                                                   r"0.0 GiB is free: use --lanes (\d+) or less$") as error:
         sweep.compile(64)
     message = str(error.value)
     per_attack = float(message.split("(")[1].split(" MiB")[0])
-    fits = int(message.split("use --batch ")[1].split()[0])
+    fits = int(message.split("use --lanes ")[1].split()[0])
     assert 1 <= fits < 64 and fits * per_attack <= 20 * 0.85 < (fits + 1) * per_attack + 0.1
 
 
@@ -348,5 +348,5 @@ def test_too_many_lanes_are_refused_before_out_is_created(tmp_path, monkeypatch,
     assert S.main(["--data", str(CIFAR100), "--indices", "0:8", "--lanes", "8", "--single-device", "--out", str(out),
                    *TINY_FLAGS]) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "--batch 8: needs" in error[0]
+    assert len(error) == 1 and "--lanes 8: needs" in error[0]
     assert not out.exists()

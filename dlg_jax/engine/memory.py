@@ -49,9 +49,9 @@ def check_memory(engine, lanes: int, programs: dict, headroom: float = 0.85) -> 
 def too_large_message(lanes: int, devices: int, need: int | None, free: int | None, headroom: float = 0.85) -> str:
     gib = 2.0**30
     if need is None or free is None:
-        return f"--batch {lanes}: ran out of device memory; try a smaller --batch (e.g. {max(devices, lanes // 4)})"
+        return f"--lanes {lanes}: ran out of device memory; try a smaller --lanes (e.g. {max(devices, lanes // 4)})"
     per_lane = need / (lanes // devices)
     fits = int(headroom * free // per_lane) * devices
-    advice = f"use --batch {fits} or less" if fits >= devices else "not even one attack per device fits"
-    return (f"--batch {lanes}: needs ~{need / gib:.1f} GiB per device ({per_lane / 2**20:.1f} MiB per attack) but "
+    advice = f"use --lanes {fits} or less" if fits >= devices else "not even one attack per device fits"
+    return (f"--lanes {lanes}: needs ~{need / gib:.1f} GiB per device ({per_lane / 2**20:.1f} MiB per attack) but "
             f"{free / gib:.1f} GiB is free: {advice}")
