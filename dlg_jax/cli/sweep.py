@@ -201,8 +201,7 @@ def _main(args, argv, prog: str) -> int:
     if pending:
         lanes = runner.lanes_for(len(pending), args.lanes)
         if not args.quiet and args.worker is None:
-            print(f"{prog}: compiling the attack for {lanes} lanes on {devices} device(s) ...", file=sys.stderr,
-                  flush=True)
+            print(f"{prog}: compiling the attack for {lanes} lanes on {devices} device(s) ...", flush=True)
         runner.compile(lanes)  # refuses too many lanes, before DIR
     results.open(lock="own" if args.worker is not None else "shared" if args.distributed else "exclusive")
     done = {(r["index"], r["seed"]) for r in results.rows()}  # another sweep may have finished some meanwhile
