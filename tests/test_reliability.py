@@ -270,6 +270,7 @@ def test_ctrl_c_is_one_line_keeps_the_rows_and_a_rerun_resumes(tmp_path):
 def test_ctrl_c_in_a_run_writes_nothing(tmp_path):
     out = tmp_path / "r"
     proc = cli("run", "--data", CIFAR100, "--index", "0", "--steps", "300", "--out", out, cwd=tmp_path, wait=False)
+    assert proc.stdout.readline().startswith("compiling")
     first = proc.stdout.readline()  # the first printed distance: the attack is under way
     assert first.startswith("0 "), first
     proc.send_signal(signal.SIGINT)
