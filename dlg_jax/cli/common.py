@@ -135,11 +135,13 @@ ATTACK_FLAGS = (
 
 def add_attack_flags(parser: argparse.ArgumentParser) -> None:
     from dlg_jax.config import PRESETS
+    from dlg_jax.text.attacks import PRESETS as TEXT_PRESETS
 
     group = parser.add_argument_group("attack (flags override the preset)")
-    group.add_argument("--preset", default=None, choices=sorted(PRESETS),
+    group.add_argument("--preset", default=None, choices=sorted(PRESETS) + sorted(TEXT_PRESETS),
                        help="dlg (default; batch for --batch-size >= 2 when no attack flag is given), idlg, batch, "
-                            "reference (torch-lbfgs, one attempt, every step)")
+                            "reference (torch-lbfgs, one attempt, every step); text models: rows (default), "
+                            "lamp-cos, tag, dlg-text (the paper's)")
     for flag, field, kind, text in ATTACK_FLAGS:
         group.add_argument(flag, dest=field, default=None, help=text, **kind)
     group.add_argument("--signed", action="store_true", default=None, help="Adam on the gradient's sign")

@@ -4,7 +4,7 @@
   distance, every token read as the nearest row of E (Euclidean, blind to the LayerNorm). The baseline.
 - `tag`: the same dummies, the L2 + L1 distance (TAG), Adam with cosine decay; LayerNorm-aware decoding.
 - `lamp-cos`: the cosine distance, Adam with cosine decay, decoding within the bag of tokens the gradient
-  gives away, then LAMP's discrete search: swaps and substitutions of tokens (and labels) kept when they lower
+  gives away, then LAMP's discrete search: substitutions of tokens (and labels) position by position, and swaps, kept when they lower
   the gradient distance of the discrete sentence (whose token-embedding gradient can then be compared too).
 - `rows` (default): exact reading (dlg_jax.text.leakage): the bag from the nonzero token-embedding rows, the
   order from the position-embedding rows, the labels from the head's gradient; accepted when the recovered
@@ -13,7 +13,9 @@
 
 The continuous dummies: embeddings (N, L, D) and label logits (N, L, V + 1), the last class meaning "no label"
 (the attacker does not know which positions a masked LM labelled). The continuous distance leaves out the
-token-embedding gradient (a free dummy embedding is no row of E, so its dE is zero whatever it is).
+token-embedding gradient (a free dummy embedding is no row of E, so its dE is zero whatever it is); the L2
+distance is divided by ||shared||^2 (the same minimiser: a random-init model's gradients are ~1e-3, and the
+engine's L-BFGS skips pairs with s.y <= 1e-10, so the raw squared distance left it at steepest descent).
 Solvers are the engine's (`dlg_jax.solvers.make_solver`); params and the shared gradient enter the compiled
 programs as arguments, so each program compiles once per shape and model.
 """
@@ -48,8 +50,8 @@ class TextAttack:
     schedule: str = "cosine"
     ln_decode: bool = True  # LayerNorm-aware decoding (else the nearest row of E)
     bag_decode: bool = True  # decode within the bag of tokens (when the gradient gives one)
-    swap_rounds: int = 60  # rounds of the discrete search (0: none)
-    swap_proposals: int = 32  # candidates per round, scored together
+    swap_rounds: int = 6  # rounds of the discrete search (0: none): a sweep over the positions, then swaps
+    swap_proposals: int = 32  # candidates scored together
     snapshot_every: int = 10
 
 
@@ -127,7 +129,7 @@ def read_rows(model, params, grads, length: int, mask_id: int):
     if model.text.causal:
         inputs[-1] = labels[-2]
     bag = leakage.bag(grads)
-    stages = [("bag (sorted ids)", np.resize(bag, length)[None]), ("order (position rows)", order.ids[None].clip(0)),
+    stages = [("bag (sorted ids)", np.pad(bag[:length], (0, max(0, length - len(bag))), constant_values=-1)[None]), ("order (position rows)", order.ids[None].clip(0)),
               ("labels (head)", assemble(inputs[None], labels[None], model.text.causal, mask_id))]
     return inputs[None], labels[None], order.residual, stages
 
@@ -142,7 +144,10 @@ def _objective(model, distance: Callable, batch: tuple[int, int]):
         soft = jax.nn.softmax(parts["label_logits"], axis=-1)[..., :vocab]
         g = client_gradient(model, params, parts["embeddings"], soft)
         keep = lambda tree: {k: v for k, v in tree.items() if k != "token_embedding"}  # noqa: E731
-        return distance(keep(g), keep(shared))
+        d = distance(keep(g), keep(shared))
+        if distance is DISTANCES["l2"]:  # relative: the same minimiser, at a scale L-BFGS's thresholds suit
+            d = d / sum(jnp.sum(s**2) for s in jax.tree.leaves(keep(shared)))
+        return d
 
     return value
 
@@ -253,40 +258,67 @@ def _search_program(model, shape, proposals: int):
     return _SEARCH[key]
 
 
-def swap_search(attack: TextAttack, model, params, shared, inputs, labels, bag, label_pool, seed: int):
-    """LAMP's discrete step: random swaps of two positions, substitutions by a bag token, and (masked LM) label
-    changes within the labels the bias gradient reveals; the best of each round is kept if it lowers the
-    relative gradient distance. Returns (inputs, labels, distance, evaluations)."""
-    one, many = _search_program(model, inputs.shape, attack.swap_proposals)
+def options(model, bag, label_pool, mask_id: int) -> np.ndarray:
+    """(input, label) pairs a position may hold: a bag token with no label, or (masked LM) [MASK] with a label
+    the bias gradient reveals; for a causal LM, any bag or label token (its labels follow from the inputs)."""
+    bag = np.asarray(bag if len(bag) else np.arange(model.num_classes))
+    if model.text.causal:
+        tokens = np.union1d(bag, label_pool)
+        return np.stack([tokens, np.full(len(tokens), -1)], 1)
+    plain = [(v, -1) for v in bag if v != mask_id]
+    masked = [(mask_id, l) for l in (label_pool if len(label_pool) else bag)]
+    return np.array(plain + masked)
+
+
+def discrete_search(attack: TextAttack, model, params, shared, inputs, labels, choices, seed: int):
+    """LAMP's discrete step, made systematic: sweeps over the positions, each trying every (input, label) choice
+    (`options`), then random swaps of two positions; a change is kept when it lowers the relative gradient
+    distance of the discrete batch (token-embedding gradient included). Stops below ACCEPT or when a round
+    changes nothing. Returns (inputs, labels, distance, evaluations)."""
+    width = attack.swap_proposals
+    one, many = _search_program(model, inputs.shape, width)
     rng = np.random.default_rng(seed)
     n, length = inputs.shape
+    inputs, labels = np.array(inputs), np.array(labels)
     best = float(one(params, shared, inputs, labels))
-    pool = np.asarray(bag if len(bag) else np.arange(model.num_classes))
-    label_pool = np.asarray(label_pool if len(label_pool) else pool)
     evaluations = 1
+
+    def try_all(cand_in, cand_lab):
+        nonlocal best, inputs, labels, evaluations
+        improved = False
+        for start in range(0, len(cand_in), width):
+            block_in, block_lab = cand_in[start:start + width], cand_lab[start:start + width]
+            pad = width - len(block_in)
+            if pad:
+                block_in = np.concatenate([block_in, np.repeat(block_in[-1:], pad, 0)])
+                block_lab = np.concatenate([block_lab, np.repeat(block_lab[-1:], pad, 0)])
+            values = np.asarray(many(params, shared, block_in, block_lab))
+            evaluations += width
+            k = int(np.argmin(values))
+            if values[k] < best:
+                best, inputs, labels, improved = float(values[k]), block_in[k], block_lab[k], True
+        return improved
+
     for _ in range(attack.swap_rounds):
         if best < ACCEPT:
             break
-        cand_in = np.repeat(inputs[None], attack.swap_proposals, 0)
-        cand_lab = np.repeat(labels[None], attack.swap_proposals, 0)
-        for c in range(attack.swap_proposals):
-            kind = rng.integers(3)
-            a, b = rng.integers(n), rng.integers(length)
-            if kind == 0:
-                a2, b2 = rng.integers(n), rng.integers(length)
-                cand_in[c, a, b], cand_in[c, a2, b2] = cand_in[c, a2, b2], cand_in[c, a, b]
-                cand_lab[c, a, b], cand_lab[c, a2, b2] = cand_lab[c, a2, b2], cand_lab[c, a, b]
-            elif kind == 1 or model.text.causal:
-                cand_in[c, a, b] = rng.choice(pool)
-            else:
-                labelled = np.flatnonzero(cand_lab[c, a] >= 0)
-                if len(labelled):
-                    cand_lab[c, a, rng.choice(labelled)] = rng.choice(label_pool)
-        values = np.asarray(many(params, shared, cand_in, cand_lab))
-        evaluations += attack.swap_proposals
-        k = int(np.argmin(values))
-        if values[k] < best:
-            best, inputs, labels = float(values[k]), cand_in[k], cand_lab[k]
+        changed = False
+        for a, b in rng.permutation([(a, b) for a in range(n) for b in range(length)]):
+            cand_in = np.repeat(inputs[None], len(choices), 0)
+            cand_lab = np.repeat(labels[None], len(choices), 0)
+            cand_in[:, a, b], cand_lab[:, a, b] = choices[:, 0], choices[:, 1]
+            changed |= try_all(cand_in, cand_lab)
+            if best < ACCEPT:
+                break
+        cand_in = np.repeat(inputs[None], width, 0)
+        cand_lab = np.repeat(labels[None], width, 0)
+        for c in range(width):
+            a, b, a2, b2 = rng.integers(n), rng.integers(length), rng.integers(n), rng.integers(length)
+            cand_in[c, a, b], cand_in[c, a2, b2] = cand_in[c, a2, b2], cand_in[c, a, b]
+            cand_lab[c, a, b], cand_lab[c, a2, b2] = cand_lab[c, a2, b2], cand_lab[c, a, b]
+        changed |= try_all(cand_in, cand_lab)
+        if not changed:
+            break
     return inputs, labels, best, evaluations
 
 
@@ -317,7 +349,10 @@ def run_attack(attack: TextAttack, model, params, shared, shape, mask_id: int, s
         labels = np.asarray(causal_labels(jnp.asarray(inputs)))
     method = "optimise"
     if attack.swap_rounds:
-        inputs, labels, d, more = swap_search(attack, model, params, shared, inputs, labels, bag, label_pool, seed)
+        if not causal:  # a position holds a label exactly when it reads [MASK]
+            labels = np.where(inputs == mask_id, np.where(labels >= 0, labels, label_pool[0] if len(label_pool) else 0), -1)
+        choices = options(model, bag, label_pool, mask_id)
+        inputs, labels, d, more = discrete_search(attack, model, params, shared, inputs, labels, choices, seed)
         evaluations += more
         method = "optimise+swaps"
         snapshots.append(("after swaps", assemble(inputs, labels, causal, mask_id)))
