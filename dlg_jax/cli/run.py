@@ -41,7 +41,7 @@ def build_parser() -> ArgumentParser:
                           "--data FILE.txt: one a line; neither: the paper's NeurIPS 2019 demo sentences")
     src.add_argument("--label", type=int, nargs="+", default=None,
                      help="true label(s) of --image (default: the model's own prediction, as a client would label it)")
-    add_attack_flags(p)
+    add_attack_flags(p, text=True)
     p.add_argument("--seed", type=seed, default=1234, help="seed of the dummy image and label (default 1234, the reference's)")
     p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>)")
     p.add_argument("--quiet", action="store_true", help="do not print the gradient distance every 10 steps")
