@@ -42,11 +42,12 @@ def text_attack(args):
         value = getattr(args, field)
         if value is None:
             continue
+        if field == "precision":
+            continue
         if field not in TEXT_FIELDS:
             raise UsageError(f"{flag} does not apply to text attacks (they take --steps, --distance, --optimizer, "
                              "--learning-rate, --schedule, --precision)")
         changes[TEXT_FIELDS[field]] = value
-    changes.pop("precision", None)
     if args.signed:
         raise UsageError("--signed does not apply to text attacks")
     if changes.get("optimizer") not in (None, "lbfgs", "adam"):
