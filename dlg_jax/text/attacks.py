@@ -9,7 +9,8 @@
 - `rows` (default): exact reading (dlg_jax.text.leakage): the bag from the nonzero token-embedding rows, the
   order from the position-embedding rows, the labels from the head's gradient; accepted when the recovered
   sentence's gradient matches the shared one (relative squared distance < 1e-6), else `lamp-cos` from there.
-  For a batch (N > 1) the position rows sum over sentences: `lamp-cos` is used directly.
+  For a batch (N > 1) the position rows sum over sentences: `lamp-cos` is used directly. A tied head leaves no
+  bag (every row of E gets the head's gradient): the continuous attack alone, decoding over the vocabulary.
 
 The continuous dummies: embeddings (N, L, D) and label logits (N, L, V + 1), the last class meaning "no label"
 (the attacker does not know which positions a masked LM labelled). The continuous distance leaves out the
@@ -348,7 +349,7 @@ def run_attack(attack: TextAttack, model, params, shared, shape, mask_id: int, s
         inputs = assemble(inputs, labels, causal, mask_id)
         labels = np.asarray(causal_labels(jnp.asarray(inputs)))
     method = "optimise"
-    if attack.swap_rounds:
+    if attack.swap_rounds and len(bag):  # without a bag (tied head) every position would try every token
         if not causal:  # a position holds a label exactly when it reads [MASK]
             labels = np.where(inputs == mask_id, np.where(labels >= 0, labels, label_pool[0] if len(label_pool) else 0), -1)
         choices = options(model, bag, label_pool, mask_id)
