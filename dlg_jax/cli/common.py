@@ -133,13 +133,20 @@ ATTACK_FLAGS = (
 )
 
 
-def add_attack_flags(parser: argparse.ArgumentParser) -> None:
+def add_attack_flags(parser: argparse.ArgumentParser, text: bool = False) -> None:
+    """The attack flags; `text`: the text presets (dlg_jax.text.attacks) are choices of --preset too."""
     from dlg_jax.config import PRESETS
 
+    text_presets = []
+    if text:
+        from dlg_jax.text.attacks import PRESETS as TEXT_PRESETS
+
+        text_presets = sorted(TEXT_PRESETS)
     group = parser.add_argument_group("attack (flags override the preset)")
-    group.add_argument("--preset", default=None, choices=sorted(PRESETS),
+    group.add_argument("--preset", default=None, choices=sorted(PRESETS) + text_presets,
                        help="dlg (default; batch for --batch-size >= 2 when no attack flag is given), idlg, batch, "
-                            "reference (torch-lbfgs, one attempt, every step)")
+                            "reference (torch-lbfgs, one attempt, every step)" + (
+                                "; text models: rows (default), lamp-cos, tag, dlg-text (the paper's)" if text else ""))
     for flag, field, kind, text in ATTACK_FLAGS:
         group.add_argument(flag, dest=field, default=None, help=text, **kind)
     group.add_argument("--signed", action="store_true", default=None, help="Adam on the gradient's sign")

@@ -37,9 +37,12 @@ def build_parser() -> ArgumentParser:
     src.add_argument("--data", default=None, help="local npz with images (uint8 NHWC/NHW), labels[, label_names]; replaces tfds")
     src.add_argument("--image", nargs="+", default=None,
                      help="image file(s) (any format/size/mode PIL reads), converted to the model input; several = a batch")
+    src.add_argument("--text", action="append", default=None,
+                     help="a private sentence for a text model (--model bert or gpt; repeat for more); "
+                          "--data FILE.txt: one a line; neither: the paper's NeurIPS 2019 demo sentences")
     src.add_argument("--label", type=int, nargs="+", default=None,
                      help="true label(s) of --image (default: the model's own prediction, as a client would label it)")
-    add_attack_flags(p)
+    add_attack_flags(p, text=True)
     p.add_argument("--seed", type=seed, default=1234, help="seed of the dummy image and label (default 1234, the reference's)")
     p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>)")
     p.add_argument("--quiet", action="store_true", help="do not print the gradient distance every 10 steps")
@@ -130,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = parser.prog
+    from dlg_jax.cli.text import is_text, text_main
+
+    if is_text(args):  # text models: a path of their own (dlg_jax/cli/text.py)
+        return text_main(args, prog)
     try:
         batch = len(args.image) if args.image else len(parse_range(args.indices)) if args.indices else args.batch_size
         config, note = attack_config(args, batch_size=batch)  # before the data: a bad flag costs no download

@@ -1,7 +1,8 @@
 """Models by name. Nothing else in dlg_jax builds a network: it asks `get_model(name, num_classes, input_shape)`.
 
 An entry is a function `(num_classes, input_shape) -> Model`; a new model is one module with such a function
-and one line in `MODELS`. A `Model` says what its input is (`"image"`: NHWC in [0, 1]), how to draw its weights
+and one line in `MODELS`. A `Model` says what its input is (`"image"`: NHWC in [0, 1]; `"tokens"`: token ids
+or input embeddings, dlg_jax.models.text), how to draw its weights
 from a seed, how to apply them and what the client's training loss is.
 """
 
@@ -30,6 +31,7 @@ class Model(NamedTuple):
     init: Callable[[int, Any], Params]  # (seed, dtype) -> params
     apply: Callable[[Params, jax.Array], jax.Array]  # (params, inputs) -> logits
     loss: Callable[[jax.Array, jax.Array], jax.Array]  # (logits, soft labels) -> the client's training loss
+    text: Any = None  # "tokens" models: their TextTransformer (vocab, max_len, width, causal, tied); else None
 
 
 def lenet_model(num_classes: int, input_shape: Sequence[int]) -> Model:
@@ -43,7 +45,28 @@ def lenet_model(num_classes: int, input_shape: Sequence[int]) -> Model:
     return Model("lenet", "image", shape, num_classes, init, lambda p, x: module.apply({"params": p}, x), cross_entropy)
 
 
-MODELS: dict[str, Callable[[int, Sequence[int]], Model]] = {"lenet": lenet_model}
+def text_model(name: str, causal: bool, tied: bool) -> Callable[[int, Sequence[int]], Model]:
+    """A tiny random-init language model (dlg_jax.models.text): `num_classes` is the vocabulary size and
+    `input_shape` is `(max_len,)`; it reads token ids or input embeddings (N, L, D), L <= max_len."""
+    from dlg_jax.models.text import TextTransformer, init_text_params, text_apply, weighted_cross_entropy
+
+    def make(num_classes: int, input_shape: Sequence[int]) -> Model:
+        module = TextTransformer(vocab=num_classes, max_len=int(input_shape[0]), causal=causal, tied=tied)
+        return Model(name, "tokens", (module.max_len,), num_classes, lambda seed, dtype=jnp.float32: init_text_params(
+            module, seed, dtype), text_apply(module), weighted_cross_entropy, module)
+
+    return make
+
+
+MODELS: dict[str, Callable[[int, Sequence[int]], Model]] = {
+    "lenet": lenet_model,
+    # Text (input "tokens"): BERT-like masked-LM encoder and GPT-like causal decoder, 2 layers x 64, post-LN.
+    "bert": text_model("bert", causal=False, tied=False),
+    "bert-tied": text_model("bert-tied", causal=False, tied=True),
+    "gpt": text_model("gpt", causal=True, tied=False),
+    "gpt-tied": text_model("gpt-tied", causal=True, tied=True),
+}
+TEXT_MODELS = tuple(name for name in MODELS if name != "lenet")
 
 
 def get_model(name: str, num_classes: int, input_shape: Sequence[int]) -> Model:
