@@ -180,3 +180,66 @@ def test_adaptive_objective_is_zero_at_the_truth_under_pruning_and_casts():
             z = attack.layout.ravel(dict(inputs=pixels))
             value = float(attack.objective(z, 0.0, problem, defended.params))
             assert (value == 0.0) == zero, (name, adaptive, value)
+
+
+# ---- the command line
+
+CIFAR = __import__("tests.conftest", fromlist=["CIFAR100"]).CIFAR100
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--defense", "nope:1"], "unknown defense"), (["--defense", "prune:1"], "[0, 1)"),
+    (["--defense", "prune:-0.5"], "[0, 1)"), (["--defense", "gauss"], "give a strength"),
+    (["--defense", "dp:1", "--dp-clip", "0"], "--dp-clip"), (["--defense", "dp:1", "--dp-rate", "1"], "dataset of 1"),
+    (["--defense", "dp:1", "--dp-delta", "0.5"], "--dp-delta"), (["--defense", "prune:0.1", "--defense", "dp:1"], "first"),
+    (["--defense", "prune:0.1,0.2"], "dlg_jax.sweep")])
+def test_bad_defenses_are_one_line_and_exit_2(flags, fragment, capsys, tmp_path):
+    from dlg_jax.cli import run, sweep
+
+    for module, extra in ((run, []), (sweep, ["--single-device", "--indices", "0:1"])):
+        if module is sweep and "dlg_jax.sweep" in fragment:
+            continue  # a list of strengths is the sweep's axis
+        try:
+            code = module.main(["--data", str(CIFAR), "--out", str(tmp_path / "o"), *extra, *flags])
+        except SystemExit as exit:  # argparse's own errors
+            code = exit.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and fragment in err[0] and "Traceback" not in err[0], (module, err)
+
+
+@pytest.mark.skipif(not CIFAR.exists(), reason="shared data missing")
+def test_the_sweep_axis_writes_one_row_per_strength_and_resumes(tmp_path, capsys):
+    import json
+
+    from dlg_jax.cli import sweep
+
+    out = tmp_path / "sw"
+    argv = ["--data", str(CIFAR), "--indices", "0:2", "--steps", "3", "--lanes", "3", "--single-device", "--quiet",
+            "--out", str(out), "--defense", "prune:0.1,0.5", "--defense", "fp16"]
+    assert sweep.main(argv) == 0
+    for label, fraction in (("prune=0.1+fp16", 0.1), ("prune=0.5+fp16", 0.5)):
+        rows = [json.loads(line) for line in (out / label / "results.jsonl").read_text().splitlines()]
+        assert sorted(r["index"] for r in rows) == [0, 1]
+        assert all(r["defense"] == label and r["defenses"][0] == dict(name="prune", strength=fraction)
+                   and r["epsilon"] is None for r in rows)
+        assert json.loads((out / label / "config.json").read_text())["defense"]["defense"] == label
+    assert "prune=0.5+fp16" in (out / "summary.md").read_text()
+    capsys.readouterr()
+    assert sweep.main(argv[:3] + ["0:3"] + argv[4:]) == 0  # one more image: only its attacks run
+    assert "4 done, 2 to go" in capsys.readouterr().err
+    assert len((out / "prune=0.1+fp16" / "results.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.skipif(not CIFAR.exists(), reason="shared data missing")
+def test_dp_rows_carry_epsilon(tmp_path):
+    import json
+
+    from dlg_jax import defenses as D
+    from dlg_jax.cli import run
+
+    out = tmp_path / "r"
+    assert run.main(["--data", str(CIFAR), "--index", "3", "--steps", "2", "--quiet", "--out", str(out),
+                     "--defense", "dp:1.0", "--dp-clip", "5", "--dp-steps", "1000", "--dp-rate", "0.01"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["epsilon"] == pytest.approx(D.epsilon(1.0, D.TrainingRun(1000, 0.01, 1e-5)))
+    assert result["dp_clip"] == 5 and result["dp_run"] == dict(steps=1000, rate=0.01, delta=1e-5)
