@@ -154,8 +154,7 @@ class Sweep:
         batch_inputs = np.zeros((lanes, *self.engine.input_shape), np.uint8)
         batch_labels = np.zeros((lanes, self.batch_size), np.int32)
         seeds, restarts = (np.zeros(lanes, np.int32) for _ in range(2))
-        case = self.engine.attack.case
-        strengths = np.zeros((lanes, self.engine.defenses), np.float32)
+        own = {}  # lane -> the strengths its task brings (a sweep over defense strengths)
         per_device = lanes // len(self.engine.devices)  # lane i runs on device i // per_device
         free_on = collections.defaultdict(collections.deque)
         for i in free:
@@ -172,7 +171,13 @@ class Sweep:
             positions = list(tasks[t].positions)
             batch_inputs[i] = images[positions]
             batch_labels[i], seeds[i], restarts[i] = labels[positions], tasks[t].seed, r
-            strengths[i] = case.strengths if tasks[t].strengths is None else tasks[t].strengths
+            if tasks[t].strengths is not None:
+                own[i] = tasks[t].strengths
+        strengths = None  # the case's, in every lane
+        if own:
+            strengths = np.tile(np.asarray(self.engine.attack.case.strengths, np.float32), (lanes, 1))
+            for i, values in own.items():
+                strengths[i] = values
         return self.engine.fill(programs, state, mask, batch_inputs, batch_labels, seeds, restarts, strengths)
 
     def _outcome(self, task: Task, labels, restarts: dict[int, dict], seconds: float) -> Outcome:
