@@ -6,8 +6,8 @@ A defense is a row of `KINDS`: the range of its strength, `apply(key, grads, str
 strength may be a traced array, so one compiled program serves every strength of a sweep lane by lane), the
 attacker's adaptive counterpart `adapt(dummy_grads, shared_grads) -> dummy_grads` (what the dummy's gradient
 is turned into before it is compared with the shared one) and `floor(strength, parameters, batch)`: the
-squared L2 distance expected at the true data (the noise's energy), added to the adaptive attack's stopping
-target. The client applies a chain of defenses in order (`share`); the adaptive attacker composes their
+squared L2 distance expected at the true data (the noise's energy); the adaptive attack stops at it less the
+part of the noise a dummy of d numbers can fit, floor (1 - d / P) (`engine.attack.make_problem`). The client applies a chain of defenses in order (`share`); the adaptive attacker composes their
 `adapt`s in the same order (`adapt`).
 
 The kinds (strength in brackets):
