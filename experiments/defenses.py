@@ -11,7 +11,8 @@ like every sweep; rerunning this script continues). Two attacks:
 - naive: the paper's (preset dlg: joint labels, L2, L-BFGS, 300 steps), blind to the defense;
 - adaptive: iDLG labels (read off the gradient) and `--adaptive`: against pruning only the shared (nonzero)
   entries are matched, against casts and int8 the dummy's gradient is rounded alike, against DP-SGD the dummy's
-  gradient is clipped to the same C, and against noise the attack stops at the expected noise floor.
+  gradient is clipped to the same C, and against noise the attack stops at the expected noise floor (less
+  the part a dummy of d numbers fits: floor (1 - d/P)).
 Outputs: experiments/results/defenses.md (the table, with the command and the measured attack rate),
 defenses.csv, defenses.png (median PSNR against strength, one curve per defense, quartiles shaded) and
 defenses_grid.png (image 0's reconstruction at every strength).
@@ -93,7 +94,7 @@ def collect(runs: Path) -> list[dict]:
                         q3=float(np.percentile(psnr, 75)), mean=float(np.mean(psnr)),
                         seconds=float(sum(r["seconds"] for r in rows)), dir=file.parent))
     order = {k: i for i, (k, _) in enumerate([("none", "")] + STUDY)}
-    return sorted(out, key=lambda e: (order.get(e["kind"], 99), e["strength"], e["attack"]))
+    return sorted(out, key=lambda e: (order.get(e["kind"], 99), e["strength"], e["attack"] != "naive"))
 
 
 def table(entries: list[dict], images: int, argv: str) -> str:
@@ -106,7 +107,7 @@ def table(entries: list[dict], images: int, argv: str) -> str:
              f"{attacks / max(seconds, 1e-9) * 3600:.0f} attacks/hour.", "",
              "naive: the paper's attack (joint labels, L2, L-BFGS, 300 steps); adaptive: iDLG labels and `--adaptive` "
              f"(pruning: only shared entries matched; casts/int8: the dummy rounded alike; dp: dummy clipped to C = "
-             f"{DP_CLIP:g}; noise: stop at the noise floor). Success: PSNR >= {SUCCESS_DB:.0f} dB. DP-SGD's epsilon "
+             f"{DP_CLIP:g}; noise and dp: stop at the noise floor less what the dummy can fit, floor (1 - d/P)). Success: PSNR >= {SUCCESS_DB:.0f} dB. DP-SGD's epsilon "
              "(RDP, dp-accounting) is for 1000 steps at sampling rate 0.01, delta 1e-5.", "",
              "| defense | strength | epsilon | attack | images | success | median PSNR | quartiles | mean PSNR |",
              "|---|---|---|---|---|---|---|---|---|"]
