@@ -225,9 +225,9 @@ def run_sweep(data, labels=None, *, indices: Iterable[int] | None = None, seeds:
         results = _InMemory()
     members = {indices[k]: indices[k:k + batch_size] for k in range(0, len(indices) - batch_size + 1, batch_size)}
     done = {(r["index"], r["seed"]) for r in results.rows()}
-    pending = [(i, s) for i in members for s in seeds if (i, s) not in done]
+    pending = [(i, s, None) for i in members for s in seeds if (i, s) not in done]
     options = dataclasses.make_dataclass("Options", ["quiet", "lanes"])(quiet=not progress, lanes=lanes)
-    cli._run(options, runner, dataset, {i: i for i in indices}, members, pending, results)
+    cli._run(options, runner, dataset, {i: i for i in indices}, members, pending, {None: (results, {})})
     rows = sorted(results.rows(), key=lambda r: (r["index"], r["seed"]))
     if out is not None:
         summary = report.write(results.path, rows, results.identity)

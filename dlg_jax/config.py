@@ -88,6 +88,7 @@ class AttackConfig:
     labels: str = "joint"  # joint: optimise softmax(dummy logits) with the inputs; idlg: read them off the gradient
     dummy: str = "free"  # dlg_jax.parts.dummies.DUMMIES: free pixels, sigmoid pixels
     precision: str = "float32"
+    adaptive: bool = False  # model the client's defenses: match the shared entries, in their precision (defenses.py)
     objective: Objective = Objective()
     solver: Solver = Solver()
     rules: Rules = Rules()
@@ -128,7 +129,11 @@ class AttackConfig:
 
     # -- plain data
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as plain data; `adaptive` only when set, so sweeps stored before it existed still resume."""
+        data = dataclasses.asdict(self)
+        if not data["adaptive"]:
+            del data["adaptive"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "AttackConfig":

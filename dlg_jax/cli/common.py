@@ -49,14 +49,73 @@ def non_negative_float(text: str) -> float:
 
 
 def case_from_args(args, dataset, config):
-    """The attacked case the flags name: the model, its seeded weights, the client (no transforms yet)."""
+    """The attacked case the flags name: the model, its seeded weights, the client and its defenses (at their
+    first strengths; a sweep gives each task its own)."""
     from dlg_jax.engine.attack import make_case as build, precision_scope
 
+    defenses = [(d.name, d.strengths[0]) for d in getattr(args, "defenses", None) or ()]
     try:
         with precision_scope(config):
-            return build(args.model, dataset.num_classes, dataset.image_shape, args.model_seed, config.dtype)
+            return build(args.model, dataset.num_classes, dataset.image_shape, args.model_seed, config.dtype,
+                         defenses=defenses, dp_clip=getattr(args, "dp_clip", 1.0))
     except ValueError as error:
         raise UsageError(f"--model: {error}") from None
+
+
+def add_defense_flags(parser: argparse.ArgumentParser, axis: bool) -> None:
+    from dlg_jax.defenses import KINDS
+
+    group = parser.add_argument_group("defenses of the client (dlg_jax/defenses.py)")
+    group.add_argument("--defense", action="append", default=[], metavar="NAME[:STRENGTH]",
+                       help=f"applied to the shared gradient, in the order given (repeatable): {', '.join(KINDS)}; "
+                            "e.g. gauss:1e-3 (variance), prune:0.2 (fraction zeroed), dp:1.0 (noise multiplier), fp16"
+                            + ("; several strengths, prune:0.01,0.1,0.2, are an axis of the sweep" if axis else ""))
+    group.add_argument("--adaptive", action="store_true", default=None,
+                       help="the attacker models the defenses: matches only the shared entries (pruning), in the "
+                            "shared precision (casts, int8), clips its dummy (dp), stops at the noise floor")
+    group.add_argument("--dp-clip", type=positive_float, default=1.0, help="dp: per-example L2 clip norm C (default 1)")
+    group.add_argument("--dp-steps", type=int, default=1000,
+                       help="dp: steps of the training run the epsilon is stated for (default 1000)")
+    group.add_argument("--dp-rate", type=float, default=0.01,
+                       help="dp: the run's sampling rate, batch / dataset size (default 0.01: batch 500 of 50,000)")
+    group.add_argument("--dp-delta", type=float, default=1e-5, help="dp: the run's delta (default 1e-5)")
+
+
+def defenses_from_args(args, batch_size: int, axis: bool) -> list:
+    """The --defense specs parsed and checked (`args.defenses`: [dlg_jax.defenses.Defense]); one strength each
+    unless `axis`."""
+    from dlg_jax import defenses as D
+
+    parsed = [D.parse(spec) for spec in args.defense]
+    D.check_chain([d.name for d in parsed])
+    if not axis:
+        for d, spec in zip(parsed, args.defense):
+            if len(d.strengths) > 1:
+                raise UsageError(f"--defense {spec}: one strength per run (a list of them is for dlg_jax.sweep)")
+    if any(d.name == "dp" for d in parsed):
+        D.check_run(dp_run(args), batch_size)
+    args.defenses = parsed
+    return parsed
+
+
+def dp_run(args):
+    from dlg_jax.defenses import TrainingRun
+
+    return TrainingRun(args.dp_steps, args.dp_rate, args.dp_delta)
+
+
+def defense_record(args, names, strengths) -> dict:
+    """What a row says of its client's defenses: `defense` (the setting's name, '' for none), each defense and
+    strength, and for DP-SGD the clip, the training run and its epsilon (RDP accountant)."""
+    from dlg_jax import defenses as D
+
+    record = dict(defense=D.label(names, strengths), defenses=[dict(name=n, strength=float(s))
+                                                               for n, s in zip(names, strengths)], epsilon=None)
+    if "dp" in names:
+        run = dp_run(args)
+        record.update(epsilon=D.epsilon(float(strengths[0]), run), dp_clip=args.dp_clip,
+                      dp_run=dict(steps=run.steps, rate=run.rate, delta=run.delta))
+    return record
 
 
 def exit_with(code: int) -> None:
@@ -163,6 +222,8 @@ def attack_config(args, batch_size: int = 1):
     given = {field: getattr(args, field) for _, field, _, _ in ATTACK_FLAGS if getattr(args, field) is not None}
     if args.signed:
         given["signed"] = True
+    if getattr(args, "adaptive", None):
+        given["adaptive"] = True
     preset, note = args.preset, None
     if preset is None:
         preset = "batch" if batch_size >= 2 and not given else "dlg"
@@ -175,4 +236,4 @@ def attack_config(args, batch_size: int = 1):
         raise UsageError(str(error)) from None
 
 
-__all__ = ["ATTACK_FLAGS", "ArgumentParser", "exit_with", "add_attack_flags", "attack_config", "positive_float", "UsageError", "enable_compilation_cache", "fail", "non_negative_float", "positive_int"]
+__all__ = ["ATTACK_FLAGS", "add_defense_flags", "defense_record", "defenses_from_args", "ArgumentParser", "exit_with", "add_attack_flags", "attack_config", "positive_float", "UsageError", "enable_compilation_cache", "fail", "non_negative_float", "positive_int"]

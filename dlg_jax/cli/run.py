@@ -4,6 +4,8 @@ By default the private image is CIFAR-100 train[25] (label 84, 'table'), the ori
 prints the gradient distance every 10 steps, as the original does, until it stops, and writes to --out:
 history.png and history.gif (the dummy every 10 steps and where it stopped), reconstruction.png (truth beside
 reconstruction), trace.png (D and PSNR per step) and result.json (metrics, status, the per-step trace).
+`--defense NAME:STRENGTH` (repeatable) defends the client's gradient (dlg_jax/defenses.py); `--adaptive` has the
+attacker model the defenses.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from pathlib import Path
 from typing import Sequence
 
 from dlg_jax import data as data_lib
-from dlg_jax.cli.common import (ArgumentParser, add_attack_flags, attack_config, enable_compilation_cache, fail,
-                                positive_int, case_from_args, seed)
+from dlg_jax.cli.common import (ArgumentParser, add_attack_flags, add_defense_flags, attack_config, case_from_args,
+                                defense_record, defenses_from_args, enable_compilation_cache, fail, positive_int, seed)
 from dlg_jax.errors import UsageError
 from dlg_jax.ranges import parse_range
 
@@ -43,6 +45,7 @@ def build_parser() -> ArgumentParser:
     src.add_argument("--label", type=int, nargs="+", default=None,
                      help="true label(s) of --image (default: the model's own prediction, as a client would label it)")
     add_attack_flags(p, text=True)
+    add_defense_flags(p, axis=False)
     p.add_argument("--seed", type=seed, default=1234, help="seed of the dummy image and label (default 1234, the reference's)")
     p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>)")
     p.add_argument("--quiet", action="store_true", help="do not print the gradient distance every 10 steps")
@@ -102,6 +105,7 @@ def write_outputs(out: Path, dataset: data_lib.Dataset, positions: Sequence[int]
     save_reconstruction(out / "reconstruction.png", truth, outcome.reconstruction[order], captions)
     result.update({k: getattr(outcome, k) for k in ("grad_distance", "steps", "iterations", "evaluations", "seconds",
                                                     "compile_seconds", "status", "attempts")})
+    result.update(defense_record(args, [d.name for d in args.defenses], [d.strengths[0] for d in args.defenses]))
     result.update(source=dataset.source, seed=args.seed, model=args.model, model_seed=args.model_seed,
                   preset=args.preset, config=config.to_dict(), stopped_at_step=trace.stopped_at,
                   trace=dict(step=[v[0] for v in trace.values], grad_distance=[v[1] for v in trace.values],
@@ -140,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         batch = len(args.image) if args.image else len(parse_range(args.indices)) if args.indices else args.batch_size
         config, note = attack_config(args, batch_size=batch)  # before the data: a bad flag costs no download
+        defenses_from_args(args, batch, axis=False)
         dataset, positions, indices = load_private_data(args)
         case = case_from_args(args, dataset, config)
         out, created = prepare_out(args.out)

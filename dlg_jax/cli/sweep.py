@@ -18,22 +18,31 @@ are refused (use another DIR). With --distributed, every host of a multi-host jo
 share of the attacks and appends its own rows to results.pN.jsonl in the shared DIR.
 On CPU, --processes N runs N such workers on this machine, one pinned to each core (faster than one process
 with a device per core: experiments/results/bench_sweep.md).
+
+`--defense prune:0.01,0.1,0.2` (repeatable, applied in order; dlg_jax/defenses.py) attacks a defended client:
+each strength (each combination, for several defenses) is a setting with its own DIR/<setting>, e.g.
+DIR/prune=0.1, and all run in one compiled program, a task's strengths a per-lane value. Rows carry
+defense, defenses (name, strength) and epsilon (DP-SGD: RDP accountant, the run of --dp-steps/--dp-rate/
+--dp-delta); DIR/summary.md has one line per setting.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from dlg_jax import data as data_lib
-from dlg_jax.cli.common import (ArgumentParser, add_attack_flags, attack_config, case_from_args, enable_compilation_cache,
-                                fail, positive_int)
+from dlg_jax.cli.common import (ArgumentParser, add_attack_flags, add_defense_flags, attack_config, case_from_args,
+                                defense_record, defenses_from_args, enable_compilation_cache, fail, positive_int)
 from dlg_jax.cli.report import summarise_dir as _summarise
 from dlg_jax.errors import UsageError
 from dlg_jax.ranges import parse_range
+from dlg_jax.results import report
+from dlg_jax.results.files import dumps, write_atomic
 from dlg_jax.results.store import ResultsDir
 
 MAX_SEED = 2**31 - 1
@@ -75,6 +84,7 @@ def build_parser() -> ArgumentParser:
                     help="on CPU, one JAX device for all cores (default: one device per core, lanes sharded over them)")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
     add_attack_flags(p)
+    add_defense_flags(p, axis=True)
     return p
 
 
@@ -163,6 +173,9 @@ def _main(args, argv, prog: str) -> int:
     if args.out == "":
         raise UsageError("--out: an empty path")
     config, note = _config(args)
+    defenses_from_args(args, args.batch_size, axis=True)
+    if args.defenses and (args.processes > 1 or args.distributed or args.worker is not None):
+        raise UsageError("--defense: one process per sweep for now (not with --processes or --distributed)")
     indices = parse_range(args.indices, "--indices")
     seeds = parse_range(args.seeds, "--seeds")
     bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
@@ -179,6 +192,8 @@ def _main(args, argv, prog: str) -> int:
 
     devices = 1 if args.processes > 1 or args.worker is not None else len(jax.local_devices())
     identity, provenance = _identity(args, dataset, config, devices)
+    if args.defenses:
+        return _defended(args, prog, dataset, position, config, identity, provenance, indices, seeds)
     if args.processes > 1 and args.worker is None:
         if args.distributed:
             raise UsageError("--processes and --distributed: choose one")
@@ -208,7 +223,7 @@ def _main(args, argv, prog: str) -> int:
     pending = [(i, s) for i, s in pending if (i, s) not in done]
     if done and args.worker is None:
         print(f"{prog}: resuming: {len(done)} done, {len(pending)} to go", file=sys.stderr, flush=True)
-    _run(args, runner, dataset, position, members, pending, results)
+    _run(args, runner, dataset, position, members, [(i, s, None) for i, s in pending], {None: (results, {})})
     with contextlib.suppress(Exception):
         if hosts > 1 and args.distributed:  # let every host finish its rows before host 0 writes the summary
             from jax.experimental import multihost_utils
@@ -216,6 +231,55 @@ def _main(args, argv, prog: str) -> int:
             multihost_utils.sync_global_devices("dlg_jax.sweep done")
     if host == 0 and args.worker is None:  # --processes: the launcher summarises
         _summarise(results)
+    return 0
+
+
+def _defended(args, prog, dataset, position, config, identity: dict, provenance: dict, indices, seeds) -> int:
+    """A sweep of a defended client: every combination of the --defense strengths (their product, in order) is
+    a setting with its own directory DIR/<setting> (e.g. DIR/prune=0.1: rows, reconstructions, summary; its
+    identity includes the defense, so each resumes alone), and all of them run in one compiled program, each
+    task's strengths a per-lane array. DIR/summary.md: one line per setting."""
+    names = [d.name for d in args.defenses]
+    route = {}
+    for strengths in itertools.product(*(d.strengths for d in args.defenses)):
+        record = defense_record(args, names, strengths)
+        results = ResultsDir(Path(args.out) / record["defense"], dict(identity, defense=record), provenance=provenance)
+        route[tuple(strengths)] = (results, record)
+    n = args.batch_size
+    members = {indices[k]: indices[k:k + n] for k in range(0, len(indices) - n + 1, n)}
+
+    def pending_tasks():
+        out = []
+        for strengths, (results, _) in route.items():
+            done = {(r["index"], r["seed"]) for r in results.rows()}
+            out += [(i, s, strengths) for i in members for s in seeds if (i, s) not in done]
+        return out
+
+    pending = pending_tasks()
+    enable_compilation_cache()
+    runner = _runner(args, dataset, config)
+    if pending:
+        runner.compile(runner.lanes_for(len(pending), args.lanes))
+    for results, _ in route.values():
+        results.open(lock="exclusive")
+    total = len(members) * len(seeds) * len(route)
+    pending = pending_tasks()
+    if len(pending) < total:
+        print(f"{prog}: resuming: {total - len(pending)} done, {len(pending)} to go", file=sys.stderr, flush=True)
+    _run(args, runner, dataset, position, members, pending, route)
+    lines = ["# Defended sweep", "", f"{len(route)} settings of {' then '.join(names)}, {len(members)} image(s) x "
+             f"{len(seeds)} seed(s) each; attack {'adaptive' if config.adaptive else 'naive'}.", "",
+             f"| setting | epsilon | attacks | PSNR >= {report.SUCCESS_DB:.0f} dB | median PSNR | mean PSNR | attacks/hour |",
+             "|---|---|---|---|---|---|---|"]
+    for results, record in route.values():
+        summary = report.write(results.path, results.rows(), results.identity)
+        if summary["rows"]:
+            eps = "" if record["epsilon"] is None else f"{record['epsilon']:.3g}"
+            lines.append(f"| {record['defense']} | {eps} | {summary['rows']} | {100 * summary['success_rate']:.0f}% | "
+                         f"{summary['median_psnr']:.2f} | {summary['mean_psnr']:.2f} | {summary['attacks_per_hour']:.0f} |")
+    write_atomic(Path(args.out) / "summary.md", "\n".join(lines) + "\n")
+    write_atomic(Path(args.out) / "settings.json", dumps([record for _, record in route.values()], indent=2) + "\n")
+    print("\n".join(lines[4:]))
     return 0
 
 
@@ -228,8 +292,10 @@ def _runner(args, dataset: data_lib.Dataset, config):
 
 
 def _run(args, runner, dataset: data_lib.Dataset, position: dict[int, int], members: dict[int, list[int]],
-         pending, results: ResultsDir):
-    """Attack the pending (index, seed) pairs (index: a batch's first), appending each chunk's rows as it finishes.
+         pending, route: dict):
+    """Attack the pending (index, seed, strengths) (index: a batch's first; strengths: the client's defense
+    strengths, None for the case's), appending each chunk's rows as it finishes to `route[strengths]`'s
+    (ResultsDir, fields every row of it gets).
 
     A row has the keys of `dlg_jax.run`'s result.json (a batch's: per-image rows, means, label accuracy) plus
     seed, restarts, restart and restart_distances; the saved truth and reconstruction are in matched order.
@@ -243,21 +309,25 @@ def _run(args, runner, dataset: data_lib.Dataset, position: dict[int, int], memb
     from dlg_jax.results.judge import judge
 
     batched = runner.batch_size > 1
-    tasks = [Task(tuple(position[m] for m in members[i]), s) for i, s in pending]
+    tasks = [Task(tuple(position[m] for m in members[i]), s, strengths) for i, s, strengths in pending]
     key_of = dict(zip(tasks, pending))
     keys = ("grad_distance", "steps", "iterations", "evaluations", "seconds", "compile_seconds", "status", "attempts",
             "restart", "restart_distances")
 
     def save(outcomes) -> None:
-        rows, images = [], {}
+        by_dir: dict = {}
         for o in outcomes:
-            index, seed = key_of[o.task]
+            index, seed, strengths = key_of[o.task]
+            results, fields = route[strengths]
+            rows, images = by_dir.setdefault(strengths, ([], {}))
             truth = dataset.images[list(o.task.positions)]
             row, order = judge(truth / 255.0, o.reconstruction, o.label_pred, o.label_true, members[index],
                                dataset.label_names)
-            rows.append(dict(row, index=index, seed=seed, restarts=runner.restarts, **{k: getattr(o, k) for k in keys}))
+            rows.append(dict(row, index=index, seed=seed, restarts=runner.restarts, **{k: getattr(o, k) for k in keys},
+                             **fields))
             images[(index, seed)] = ((truth, o.reconstruction[order]) if batched else (truth[0], o.reconstruction[0]))
-        results.append(rows, images)
+        for strengths, (rows, images) in by_dir.items():
+            route[strengths][0].append(rows, images)
 
     budget = runner.config.rules.max_evaluations
     with tqdm(total=len(tasks), unit="attack", desc="sweep", disable=args.quiet, dynamic_ncols=True, smoothing=0.05,

@@ -97,6 +97,7 @@ class Engine:
         self.replicated = NamedSharding(self.mesh, P())
         self.params = jax.device_put(attack.case.params, self.replicated)  # every device holds the model
         self.input_shape = tuple(attack.layout.shapes["inputs"])  # one lane's private batch (N, ...)
+        self.defenses = len(attack.case.defenses)  # strengths per lane
         self.lane_by_lane = self.devices[0].platform == "cpu" if lane_by_lane is None else lane_by_lane
         if self.lane_by_lane:  # a lane's state is copied out and back once per run call: give each lane many trips
             self.min_chunk_trips = 128
@@ -104,11 +105,13 @@ class Engine:
         self._compiled: dict[int, dict] = {}
 
     # ---- one lane
-    def _problem(self, params, inputs, labels, seed, restart) -> Problem:
-        """The attack on uint8-coded inputs (N, ...) / 255 with labels (N,), from `seed`'s restart `restart`."""
+    def _problem(self, params, inputs, labels, seed, restart, strengths) -> Problem:
+        """The attack on uint8-coded inputs (N, ...) / 255 with labels (N,), from `seed`'s restart `restart`,
+        the client's defenses at `strengths` (one per defense: a lane's own, so a sweep over strengths is one
+        program)."""
         attack = self.attack._replace(case=self.attack.case._replace(params=params))
         pixels = jnp.asarray(inputs, self.attack.config.dtype) / 255.0
-        return make_problem(attack, pixels, labels, restart_seed(seed, restart))
+        return make_problem(attack, pixels, labels, restart_seed(seed, restart), strengths)
 
     def _start(self, problem: Problem, reuse) -> tuple[Any, rules_lib.Attempt]:
         return self.attack.solver.init(problem.init, reuse), rules_lib.begin(problem.init)
@@ -133,25 +136,25 @@ class Engine:
         return lane._replace(solver=self.attack.solver.init(x, lane.solver))
 
     # ---- the programs (per device shard)
-    def _problems(self, params, inputs, labels, seeds, restarts):
+    def _problems(self, params, inputs, labels, seeds, restarts, strengths):
         build = functools.partial(self._problem, params)
         if self.lane_by_lane:  # the unbatched program: the same arithmetic whatever the number of lanes
-            return jax.lax.map(lambda job: build(*job), (inputs, labels, seeds, restarts))
-        return jax.vmap(build)(inputs, labels, seeds, restarts)
+            return jax.lax.map(lambda job: build(*job), (inputs, labels, seeds, restarts, strengths))
+        return jax.vmap(build)(inputs, labels, seeds, restarts, strengths)
 
     def _blank(self, batch: int) -> Lanes:
         shapes = jax.eval_shape(lambda: self._problems(
             self.params, jnp.zeros((1, *self.input_shape), jnp.uint8), jnp.zeros((1, self.input_shape[0]), jnp.int32),
-            jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32)))
+            jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32), jnp.zeros((1, self.defenses), jnp.float32)))
         problem = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), shapes)
         solver, progress = self._start(problem, None)
         lane = Lanes(jnp.zeros((), bool), problem, solver, progress)
         return jax.tree.map(lambda a: jnp.broadcast_to(a, (batch, *a.shape)), lane)
 
-    def _fill(self, lanes: Lanes, mask, inputs, labels, seeds, restarts, params) -> Lanes:
+    def _fill(self, lanes: Lanes, mask, inputs, labels, seeds, restarts, strengths, params) -> Lanes:
         """New attacks in the masked lanes. The solvers' buffers are reused (`init(x, reuse)`), so the select
         leaves them as they are."""
-        problems = self._problems(params, inputs, labels, seeds, restarts)
+        problems = self._problems(params, inputs, labels, seeds, restarts, strengths)
         solver, progress = jax.vmap(self._start)(problems, lanes.solver)
         return _select(mask, Lanes(jnp.ones_like(mask), problems, solver, progress), lanes)
 
@@ -229,7 +232,8 @@ class Engine:
         jit = functools.partial(jax.jit, compiler_options=compiler_options(self.devices[0].platform))
         blank = jit(functools.partial(self._blank, batch),
                     out_shardings=jax.tree.map(lambda _: self.lane_sharding, lanes_shape))
-        fill = jit(shard(self._fill, (lane_spec, P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), param_spec), lane_spec),
+        fill = jit(shard(self._fill, (lane_spec, P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), param_spec),
+                         lane_spec),
                    donate_argnums=0)
         run = jit(shard(self._run, (lane_spec, param_spec, P(), P(), P()), (lane_spec, P(AXIS))), donate_argnums=0)
         harvest = jit(shard(self._harvest, (lane_spec,), P(AXIS)))
@@ -240,7 +244,7 @@ class Engine:
                                        self.params)
         per_lane = lambda shape, dtype: jax.ShapeDtypeStruct((batch, *shape), dtype, sharding=self.lane_sharding)  # noqa: E731
         jobs = (per_lane((), bool), per_lane(self.input_shape, jnp.uint8), per_lane((self.input_shape[0],), jnp.int32),
-                per_lane((), jnp.int32), per_lane((), jnp.int32))
+                per_lane((), jnp.int32), per_lane((), jnp.int32), per_lane((self.defenses,), jnp.float32))
         run = run.lower(lanes_abstract, params_abstract, scalar, scalar, scalar).compile()
         memory = run.memory_analysis()
         cost = run.cost_analysis() or {}
@@ -252,9 +256,14 @@ class Engine:
             flops=cost.get("flops"))
         return self._compiled[batch]
 
-    def fill(self, programs: dict, lanes, mask, inputs, labels, seeds, restarts):
+    def fill(self, programs: dict, lanes, mask, inputs, labels, seeds, restarts, strengths=None):
+        """New attacks in the masked lanes; `strengths` (lanes, defenses): each lane's defense strengths
+        (default: the case's)."""
         put = lambda a: jax.device_put(np.asarray(a), self.lane_sharding)  # noqa: E731
-        return programs["fill"](lanes, put(mask), put(inputs), put(labels), put(seeds), put(restarts), self.params)
+        if strengths is None:
+            strengths = np.broadcast_to(np.asarray(self.attack.case.strengths, np.float32), (len(mask), self.defenses))
+        return programs["fill"](lanes, put(mask), put(inputs), put(labels), put(seeds), put(restarts),
+                                put(np.asarray(strengths, np.float32)), self.params)
 
     def run(self, programs: dict, lanes, max_trips: int, min_live: int, until: int = NEVER):
         """Advance the lanes by at most `max_trips` trips; returns (lanes, trips done per device)."""

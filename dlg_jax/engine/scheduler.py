@@ -29,6 +29,7 @@ CHUNK_SECONDS = 0.25  # device calls about this long: a device whose lanes finis
 class Task:
     positions: tuple[int, ...]  # indices into the images given to `Sweep.run`: a batch of len(positions)
     seed: int
+    strengths: tuple[float, ...] | None = None  # the client's defense strengths (None: the case's)
 
 
 @dataclasses.dataclass
@@ -153,6 +154,7 @@ class Sweep:
         batch_inputs = np.zeros((lanes, *self.engine.input_shape), np.uint8)
         batch_labels = np.zeros((lanes, self.batch_size), np.int32)
         seeds, restarts = (np.zeros(lanes, np.int32) for _ in range(2))
+        own = {}  # lane -> the strengths its task brings (a sweep over defense strengths)
         per_device = lanes // len(self.engine.devices)  # lane i runs on device i // per_device
         free_on = collections.defaultdict(collections.deque)
         for i in free:
@@ -169,7 +171,14 @@ class Sweep:
             positions = list(tasks[t].positions)
             batch_inputs[i] = images[positions]
             batch_labels[i], seeds[i], restarts[i] = labels[positions], tasks[t].seed, r
-        return self.engine.fill(programs, state, mask, batch_inputs, batch_labels, seeds, restarts)
+            if tasks[t].strengths is not None:
+                own[i] = tasks[t].strengths
+        strengths = None  # the case's, in every lane
+        if own:
+            strengths = np.tile(np.asarray(self.engine.attack.case.strengths, np.float32), (lanes, 1))
+            for i, values in own.items():
+                strengths[i] = values
+        return self.engine.fill(programs, state, mask, batch_inputs, batch_labels, seeds, restarts, strengths)
 
     def _outcome(self, task: Task, labels, restarts: dict[int, dict], seconds: float) -> Outcome:
         """The kept restart (lowest finite gradient distance: the attacker's own criterion) and all distances."""

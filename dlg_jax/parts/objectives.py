@@ -66,14 +66,17 @@ class Problem(NamedTuple):
 
 
 def gradient_matching(z: jax.Array, prior_weight: jax.Array, problem: Problem, params: Params, *, model, layout,
-                      dummy, distance, tv: bool) -> jax.Array:
-    """D(z) = distance(client gradient of the dummy, shared gradient) + prior_weight * TV(dummy inputs).
+                      dummy, distance, tv: bool, gradient=client_gradient, compare=None) -> jax.Array:
+    """D(z) = distance(compare(gradient of the dummy), shared gradient) + prior_weight * TV(dummy inputs).
 
     z is the flat dummy: its inputs (decoded by the dummy parametrisation, e.g. sigmoid) and, for joint label
     recovery, label logits entering as their softmax; otherwise the labels read off the gradient are used.
+    `gradient` is the client's (DP-SGD's clipped one for an adaptive attack on it); `compare(dummy's, shared)`
+    the adaptive attacker's view of the defenses (the pruned entries masked, the same cast; dlg_jax.defenses).
     """
     parts = layout.unravel(z)
     inputs = dummy.decode(parts["inputs"])
     labels = jax.nn.softmax(parts["label_logits"]) if "label_logits" in parts else problem.known_labels
-    value = distance(client_gradient(model, params, inputs, labels), problem.shared_grads)
+    grads = gradient(model, params, inputs, labels)
+    value = distance(grads if compare is None else compare(grads, problem.shared_grads), problem.shared_grads)
     return value + prior_weight * total_variation(inputs) if tv else value
