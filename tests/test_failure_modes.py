@@ -66,3 +66,16 @@ def test_mnist_seed_1_image_7_needs_a_fifth_start():
     assert matched_psnr(images / 255.0, outcome.reconstruction) >= 30
     old, _ = attack_one(case, AttackConfig().override(retries=3), images, labels, seed=1)
     assert old.attempts == 4 and matched_psnr(images / 255.0, old.reconstruction) < 10
+
+
+@pytest.mark.skipif(not MNIST.exists(), reason="shared data missing")
+def test_mnist_seed_0_image_261_is_probed_by_evaluations_when_line_searches_fail():
+    """Measured: seed 0's first attempt on MNIST test[261] took the wrong label (3 for 5) and sat at D ~ 25 with
+    failing line searches: 7,500 evaluations went by before its 500th iteration, so a probe counted in
+    iterations never came (3.4 dB, max_evaluations). Counted in steps of 20 iterations or 25 evaluations, the
+    probe ends it at 625 evaluations and the second start converges."""
+    with np.load(MNIST) as npz:
+        images, labels = npz["images"][261:262, ..., None], npz["labels"][261:262]
+    outcome, _ = attack_one(make_case("lenet", 10, (28, 28, 1)), AttackConfig(), images, labels, seed=0)
+    assert outcome.status == "converged" and outcome.attempts == 2 and outcome.label_pred == [5]
+    assert matched_psnr(images / 255.0, outcome.reconstruction) >= 30
