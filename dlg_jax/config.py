@@ -62,9 +62,18 @@ class Rules:
     iterations_per_step: int = 20  # solver iterations per step (torch's max_iter)
     evaluations_per_step: int | None = None  # evaluations per step; None: torch's max_eval, max_iter * 5 // 4
     tolerance: float = 1e-7  # converged when D <= tolerance * ||shared gradient||^2 (~36-40 dB on CIFAR)
-    retries: int = 3  # fresh random starts after an attempt stalls or diverges
+    retries: int | None = None  # fresh random starts after an attempt stalls or diverges; None: while the budget
+    #                             leaves room for another probe (steps // probe_steps - 1: 11 for 300 steps)
     probe_steps: int = 25  # an attempt must have cut D by `probe_reduction` after this many steps...
     probe_reduction: float = 1e-2  # ...or it counts as stalled
+    plateau_reduction: float = 0.5  # ...and by this much in every `probe_steps` after that (0: no plateau rule)...
+    plateau_floor: float = 1e3  # ...while D > plateau_floor x the convergence target (near the float floor it may slow)
+
+    @property
+    def max_retries(self) -> int:
+        if self.retries is not None:
+            return self.retries
+        return max(0, self.steps // self.probe_steps - 1) if self.probe_steps > 0 else 0
 
     @property
     def max_iterations(self) -> int:
@@ -110,8 +119,10 @@ class AttackConfig:
                              "max_linesearch_steps must be positive")
         if r.max_evaluations >= 2**31 or r.max_iterations >= 2**31:
             raise ValueError(f"steps x evaluations per step ({r.max_evaluations}) must stay below 2^31 (int32 counters)")
-        if r.retries < 0 or r.probe_steps < 0 or not 0 <= r.tolerance < 1:
+        if (r.retries is not None and r.retries < 0) or r.probe_steps < 0 or not 0 <= r.tolerance < 1:
             raise ValueError("retries and probe_steps must be >= 0 and tolerance in [0, 1)")
+        if not 0 <= r.plateau_reduction < 1 or not r.plateau_floor >= 0:
+            raise ValueError("plateau_reduction must be in [0, 1) and plateau_floor >= 0")
         if not 0 < s.linesearch_decrease < 1:
             raise ValueError("linesearch_decrease must be between 0 and 1")
         if not 0 < s.learning_rate < float("inf"):
@@ -184,7 +195,7 @@ PRESETS: dict[str, AttackConfig] = {
     "idlg": AttackConfig(labels="idlg"),
     # Batches of 2-8 images (docs/batches.md): analytic labels, sigmoid pixels, colour TV 1e-5 in 4 stages.
     "batch": AttackConfig(labels="idlg", dummy="sigmoid", objective=Objective(tv_weight=1e-5, tv_stages=4),
-                          rules=Rules(steps=600)),
+                          rules=Rules(steps=600, retries=3, plateau_reduction=0.0)),
     # The reference procedure: torch.optim.LBFGS's semantics, one attempt, every step run (no early stop).
     "reference": AttackConfig(solver=Solver(optimizer="torch-lbfgs"), rules=Rules(retries=0, tolerance=0.0)),
 }

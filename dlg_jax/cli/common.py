@@ -188,7 +188,8 @@ ATTACK_FLAGS = (
     ("--schedule", "schedule", dict(choices=("constant", "step", "cosine")), "Adam's learning-rate schedule"),
     ("--tolerance", "tolerance", dict(type=non_negative_float),
      "converged when D <= tolerance x ||shared gradient||^2 (default 1e-7, ~36-40 dB; 0: run every step)"),
-    ("--retries", "retries", dict(type=int), "fresh random starts after a stalled or diverged attempt (default 3)"),
+    ("--retries", "retries", dict(type=int), "fresh random starts after a stalled or diverged attempt (default: as many as the budget has room for, "
+     "steps // 25 - 1; 3 in preset batch)"),
 )
 
 

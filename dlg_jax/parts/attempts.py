@@ -5,9 +5,15 @@ An attack is a series of attempts from random starts. After each evaluation of t
 - **best iterate**: the lowest finite D among the iterates (what is returned, whatever came after it);
 - **divergence**: a non-finite D or iterate ends the attempt (DIVERGED);
 - **convergence**: D <= target (tolerance x ||shared gradient||^2) in the last prior stage (CONVERGED);
-- **stall probe**: an attempt that has not cut D by `probe_reduction` after `probe_steps` steps is STALLED;
+- **stall probe**: an attempt that has not cut D by `probe_reduction` after `probe_steps` steps is STALLED
+  (a step: `iterations_per_step` iterations or `evaluations_per_step` evaluations, whichever comes first);
+- **plateau**: so is one that, later, has not cut D by `plateau_reduction` over the last `probe_steps` steps
+  while D is still above `plateau_floor` x the target (an attempt stuck in a local minimum; near the float
+  floor a converging attempt may slow down, and is left alone);
 - **fresh starts**: a stalled or diverged attempt starts again from a new N(0, 1) dummy while retries and
-  budget remain (`again`);
+  budget remain (`again`). By default as many retries as the budget has room for probes: the budget goes to
+  fresh starts, not to a stuck attempt. Measured on MNIST test 0-39, seed 1: six images had four stalled starts
+  and then sat at D ~ 30-60 (3 dB) until the budget ended; with more starts all six converged at their fifth;
 - **budgets**: iterations (steps x iterations per step) over all attempts, checked as an iteration completes,
   and evaluations (steps x evaluations per step), checked at every evaluation (MAX_STEPS, MAX_EVALUATIONS: which
   budget ran out first);
@@ -47,7 +53,10 @@ class Rules(NamedTuple):
     max_iterations: int
     max_evaluations: int
     probe_iteration: int
+    probe_evaluations: int
     probe_reduction: float
+    plateau_reduction: float
+    plateau_floor: float
     retries: int
     stages: int
     stage_iterations: int
@@ -56,8 +65,10 @@ class Rules(NamedTuple):
     @classmethod
     def from_config(cls, config) -> "Rules":
         r, o = config.rules, config.objective
-        return cls(r.max_iterations, r.max_evaluations, r.probe_steps * r.iterations_per_step, r.probe_reduction,
-                   r.retries, o.stages, r.max_iterations // o.stages, o.tv_weight)
+        return cls(r.max_iterations, r.max_evaluations, r.probe_steps * r.iterations_per_step,
+                   r.probe_steps * r.step_evaluations, r.probe_reduction,
+                   r.plateau_reduction, r.plateau_floor, r.max_retries, o.stages, r.max_iterations // o.stages,
+                   o.tv_weight)
 
 
 class Attempt(NamedTuple):
@@ -73,13 +84,18 @@ class Attempt(NamedTuple):
     attempt: jax.Array  # 0 for the first
     attempt_start: jax.Array  # iterations when the current attempt began
     attempt_value: jax.Array  # D at the current attempt's start
+    checkpoint_value: jax.Array  # D at the attempt's (or stage's) start or its last checkpoint
+    checkpoint_iterations: jax.Array  # iterations then
+    checkpoint_evaluations: jax.Array  # evaluations then
+    checkpoints: jax.Array  # checkpoints this attempt has passed (the first is the probe)
     stage_start: jax.Array  # bool: the pending start is a prior stage's (not a new attempt's)
 
 
 def begin(z0: jax.Array) -> Attempt:
     zero = jnp.zeros((), jnp.int32)
     inf = jnp.asarray(jnp.inf, z0.dtype)
-    return Attempt(z0, inf, z0, inf, zero, zero, jnp.asarray(RUNNING, jnp.int32), zero, zero, inf, jnp.zeros((), bool))
+    return Attempt(z0, inf, z0, inf, zero, zero, jnp.asarray(RUNNING, jnp.int32), zero, zero, inf, inf, zero, zero,
+                   zero, jnp.zeros((), bool))
 
 
 def stage(rules: Rules, a: Attempt) -> jax.Array:
@@ -118,8 +134,16 @@ def after_evaluation(rules: Rules, a: Attempt, step: Step, point: jax.Array, val
     improved = step.iterated & finite & (value < a.best_value)
     reset = step.started & (a.stage_start | (a.attempt == 0))  # a first start, or a stage's: track anew
     take = improved | reset
-    stalled = (step.iterated & (done == rules.probe_iteration) & (value > rules.probe_reduction * attempt_value)
-               & (a.attempt < rules.retries))
+    # a checkpoint every probe_steps steps of the attempt: probe_steps x iterations_per_step iterations or
+    # probe_steps x evaluations_per_step evaluations, whichever comes first (as a torch step ends at max_iter or
+    # max_eval), so that an attempt whose line searches fail is checked as often as one that iterates
+    checkpoint = step.iterated & ~step.started & (rules.probe_iteration > 0) & (
+        (iterations - a.checkpoint_iterations >= rules.probe_iteration)
+        | (evaluations - a.checkpoint_evaluations >= rules.probe_evaluations))
+    probe = (a.checkpoints == 0) & (value > rules.probe_reduction * attempt_value)
+    plateau = ((a.checkpoints > 0) & (rules.plateau_reduction > 0)
+               & (value > rules.plateau_reduction * a.checkpoint_value) & (value > rules.plateau_floor * target))
+    stalled = checkpoint & (probe | plateau) & (a.attempt < rules.retries)
     spent_iterations = iterations >= rules.max_iterations
     iterate_status = jnp.select([~finite, (value <= target) & last_stage, stalled, spent_iterations],
                                 [DIVERGED, CONVERGED, STALLED, MAX_STEPS], RUNNING)
@@ -141,5 +165,9 @@ def after_evaluation(rules: Rules, a: Attempt, step: Step, point: jax.Array, val
                 iterations=iterations,
                 evaluations=evaluations, status=status, attempt=a.attempt + again,
                 attempt_start=jnp.where(again, iterations, a.attempt_start), attempt_value=attempt_value,
+                checkpoint_value=jnp.where(step.started | checkpoint, value, a.checkpoint_value),
+                checkpoint_iterations=jnp.where(step.started | checkpoint, iterations, a.checkpoint_iterations),
+                checkpoint_evaluations=jnp.where(step.started | checkpoint, evaluations, a.checkpoint_evaluations),
+                checkpoints=jnp.where(attempt_begins, 0, a.checkpoints + checkpoint),
                 stage_start=next_stage | (a.stage_start & ~step.started))
     return a, again, again | next_stage
