@@ -188,6 +188,9 @@ ATTACK_FLAGS = (
     ("--schedule", "schedule", dict(choices=("constant", "step", "cosine")), "Adam's learning-rate schedule"),
     ("--tolerance", "tolerance", dict(type=non_negative_float),
      "converged when D <= tolerance x ||shared gradient||^2 (default 1e-7, ~36-40 dB; 0: run every step)"),
+    ("--plateau-reduction", "plateau_reduction", dict(type=non_negative_float),
+     "after the stall probe, an attempt must cut D to this fraction every 25 steps or start afresh (default 0.5; "
+     "0: off, as in preset batch)"),
     ("--retries", "retries", dict(type=int), "fresh random starts after a stalled or diverged attempt (default: as many as the budget has room for, "
      "steps // 25 - 1; 3 in preset batch)"),
 )
