@@ -143,13 +143,9 @@ def attack(data, labels=None, *, index: int | Sequence[int] | None = None, seed:
     truth = dataset.images[positions] / 255.0
     metrics, order = judge(truth, outcome.reconstruction, outcome.label_pred, outcome.label_true, positions,
                            dataset.label_names)
-    metrics.update({k: getattr(outcome, k) for k in ("grad_distance", "steps", "iterations", "evaluations",
-                                                     "seconds", "compile_seconds", "status", "attempts")})
-    metrics.update(seed=seed, model=model, model_seed=model_seed, config=cfg.to_dict(),
-                   stopped_at_step=trace.stopped_at)
-    steps = dict(step=[v[0] for v in trace.values], grad_distance=[v[1] for v in trace.values],
-                 evaluations=[v[2] for v in trace.values], psnr=[v[1] for v in trace.scores])
-    return AttackResult(np.clip(outcome.reconstruction[order], 0.0, 1.0), truth, metrics, steps,
+    metrics.update(outcome.result(), **trace.result())
+    metrics.update(seed=seed, model=model, model_seed=model_seed, config=cfg.to_dict())
+    return AttackResult(np.clip(outcome.reconstruction[order], 0.0, 1.0), truth, metrics, metrics["trace"],
                         [(step, images[order]) for step, images in trace.snapshots])
 
 
@@ -223,7 +219,7 @@ def run_sweep(data, labels=None, *, indices: Iterable[int] | None = None, seeds:
         results.open()  # locked until close(): a second sweep in `out` meanwhile is refused
     else:
         results = _InMemory()
-    members = {indices[k]: indices[k:k + batch_size] for k in range(0, len(indices) - batch_size + 1, batch_size)}
+    members = cli.batches(indices, batch_size)
     done = {(r["index"], r["seed"]) for r in results.rows()}
     pending = [(i, s, None) for i in members for s in seeds if (i, s) not in done]
     options = dataclasses.make_dataclass("Options", ["quiet", "lanes"])(quiet=not progress, lanes=lanes)

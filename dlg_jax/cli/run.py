@@ -103,13 +103,10 @@ def write_outputs(out: Path, dataset: data_lib.Dataset, positions: Sequence[int]
     captions = [(f"truth {files[n] if files else '#' + str(r['index'])}: {r['label_true']} {r['label_name_true']}",
                  f"DLG: {r['label_pred']} {r['label_name_pred']}, {r['psnr']:.1f} dB") for n, r in enumerate(per_image)]
     save_reconstruction(out / "reconstruction.png", truth, outcome.reconstruction[order], captions)
-    result.update({k: getattr(outcome, k) for k in ("grad_distance", "steps", "iterations", "evaluations", "seconds",
-                                                    "compile_seconds", "status", "attempts")})
+    result.update(outcome.result(), **trace.result())
     result.update(defense_record(args, [d.name for d in args.defenses], [d.strengths[0] for d in args.defenses]))
     result.update(source=dataset.source, seed=args.seed, model=args.model, model_seed=args.model_seed,
-                  preset=args.preset, config=config.to_dict(), stopped_at_step=trace.stopped_at,
-                  trace=dict(step=[v[0] for v in trace.values], grad_distance=[v[1] for v in trace.values],
-                             evaluations=[v[2] for v in trace.values], psnr=[v[1] for v in trace.scores]))
+                  preset=args.preset, config=config.to_dict())
     write_atomic(out / "result.json", dumps(result, indent=2) + "\n")
     return result
 

@@ -125,6 +125,12 @@ def sweep_identity(source: str, dataset: data_lib.Dataset, config, model: str, m
                 batch_size=batch_size, devices_per_process=devices)
 
 
+def batches(indices: list[int], size: int) -> dict[int, list[int]]:
+    """The indices taken `size` at a time, consecutive, each batch named by its first index (a remainder that
+    does not fill a batch is left out)."""
+    return {indices[k]: indices[k:k + size] for k in range(0, len(indices) - size + 1, size)}
+
+
 def _hosts(args) -> tuple[int, int]:
     """(this host, hosts): jax.distributed when asked for, one of --processes for a worker, else (0, 1)."""
     if args.worker is not None:
@@ -206,8 +212,7 @@ def _main(args, argv, prog: str) -> int:
         return launch(args, list(sys.argv[1:] if argv is None else argv), prog, results, total, _summarise)
     host, hosts = _hosts(args)
     results = ResultsDir(Path(args.out), identity, host, hosts, provenance=provenance)
-    n = args.batch_size  # a batch is named by its first index
-    members = {indices[k]: indices[k:k + n] for k in range(0, len(indices) - n + 1, n)}
+    members = batches(indices, args.batch_size)
     share = [(i, s) for i in members for s in seeds][host::hosts]  # fixed before looking at DIR: hosts agree
     done = {(r["index"], r["seed"]) for r in results.rows()}
     pending = [task for task in share if task not in done]
@@ -245,8 +250,7 @@ def _defended(args, prog, dataset, position, config, identity: dict, provenance:
         record = defense_record(args, names, strengths)
         results = ResultsDir(Path(args.out) / record["defense"], dict(identity, defense=record), provenance=provenance)
         route[tuple(strengths)] = (results, record)
-    n = args.batch_size
-    members = {indices[k]: indices[k:k + n] for k in range(0, len(indices) - n + 1, n)}
+    members = batches(indices, args.batch_size)
 
     def pending_tasks():
         out = []
@@ -311,8 +315,6 @@ def _run(args, runner, dataset: data_lib.Dataset, position: dict[int, int], memb
     batched = runner.batch_size > 1
     tasks = [Task(tuple(position[m] for m in members[i]), s, strengths) for i, s, strengths in pending]
     key_of = dict(zip(tasks, pending))
-    keys = ("grad_distance", "steps", "iterations", "evaluations", "seconds", "compile_seconds", "status", "attempts",
-            "restart", "restart_distances")
 
     def save(outcomes) -> None:
         by_dir: dict = {}
@@ -323,8 +325,8 @@ def _run(args, runner, dataset: data_lib.Dataset, position: dict[int, int], memb
             truth = dataset.images[list(o.task.positions)]
             row, order = judge(truth / 255.0, o.reconstruction, o.label_pred, o.label_true, members[index],
                                dataset.label_names)
-            rows.append(dict(row, index=index, seed=seed, restarts=runner.restarts, **{k: getattr(o, k) for k in keys},
-                             **fields))
+            rows.append(dict(row, index=index, seed=seed, restarts=runner.restarts,
+                             **o.result("restart", "restart_distances"), **fields))
             images[(index, seed)] = ((truth, o.reconstruction[order]) if batched else (truth[0], o.reconstruction[0]))
         for strengths, (rows, images) in by_dir.items():
             route[strengths][0].append(rows, images)

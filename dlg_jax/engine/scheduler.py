@@ -32,6 +32,10 @@ class Task:
     strengths: tuple[float, ...] | None = None  # the client's defense strengths (None: the case's)
 
 
+# What an outcome adds to a result row (result.json, results.jsonl), beside the judged metrics
+RESULT_KEYS = ("grad_distance", "steps", "iterations", "evaluations", "seconds", "compile_seconds", "status", "attempts")
+
+
 @dataclasses.dataclass
 class Outcome:
     """One task's result (the kept restart's)."""
@@ -50,6 +54,10 @@ class Outcome:
     compile_seconds: float
     restart: int = 0
     restart_distances: list[float] = dataclasses.field(default_factory=list)
+
+    def result(self, *more: str) -> dict:
+        """The row keys this outcome fills: `RESULT_KEYS`, then `more`."""
+        return {k: getattr(self, k) for k in (*RESULT_KEYS, *more)}
 
 
 class Sweep:

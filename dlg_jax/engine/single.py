@@ -35,6 +35,12 @@ class Trace:
     stopped_at: int | None = None  # the last step taken (0-based, as `step` above)
     scores: list = dataclasses.field(default_factory=list)  # [(step, score(current inputs))] when a score is given
 
+    def result(self) -> dict:
+        """What result.json keeps of it: the step it stopped at, and D, evaluations and the score (PSNR) per step."""
+        return dict(stopped_at_step=self.stopped_at,
+                    trace=dict(step=[v[0] for v in self.values], grad_distance=[v[1] for v in self.values],
+                               evaluations=[v[2] for v in self.values], psnr=[v[1] for v in self.scores]))
+
 
 def predict_missing_labels(case: Case, images: np.ndarray, labels: np.ndarray, dtype) -> np.ndarray:
     """Labels -1 replaced by the model's prediction on the uint8 images / 255 (a client labels an unlabelled input
