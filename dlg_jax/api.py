@@ -104,7 +104,9 @@ class AttackResult:
 
     def figure(self):
         """Truth above reconstruction for each image, with the PSNR (a matplotlib figure)."""
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # pyplot here: a notebook displays the figure it returns
+
+        from dlg_jax.results.plots import show_image
 
         n = len(self.truth)
         fig, axes = plt.subplots(2, n, squeeze=False, figsize=(2.0 * n, 4.2))
@@ -112,10 +114,8 @@ class AttackResult:
         for k in range(n):
             for ax, image, title in ((axes[0, k], self.truth[k], f"truth: {rows[k]['label_name_true']}"),
                                      (axes[1, k], self.reconstruction[k], f"{rows[k]['psnr']:.1f} dB")):
-                ax.imshow(np.clip(image[..., 0] if image.shape[-1] == 1 else image, 0, 1),
-                          cmap="gray" if image.shape[-1] == 1 else None, vmin=0, vmax=1)
+                show_image(ax, image)
                 ax.set_title(title, fontsize=8)
-                ax.axis("off")
         fig.tight_layout()
         return fig
 

@@ -59,3 +59,29 @@ def test_summarise_counts_successes_from_30_db_on_hand_made_rows():
     assert s["label_accuracy"] == pytest.approx((1 + 1 + 0 + 0.5) / 4)
     assert s["attack_seconds"] == 8.0 and s["attacks_per_hour"] == pytest.approx(4 / 8 * 3600)
     assert summarise(rows, attack_seconds=4.0)["attacks_per_hour"] == pytest.approx(3600)
+
+
+def test_saving_figures_leaves_the_process_matplotlib_backend_alone(tmp_path):
+    """A notebook's inline backend must survive an attack or a sweep saving its figures (no matplotlib.use)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import matplotlib
+        matplotlib.use("pdf")
+        import numpy as np
+        from pathlib import Path
+        from dlg_jax.results import plots, report
+        out = Path({str(tmp_path)!r})
+        images = np.random.default_rng(0).random((2, 8, 8, 3))
+        plots.save_history(out / "h.png", [(0, images), (10, images)], stop="converged")
+        plots.save_reconstruction(out / "r.png", images, images, [("a", "b"), ("c", "d")])
+        plots.save_trace(out / "t.png", [(0, 1.0, 1), (1, 0.5, 3)], [(0, 5.0), (1, 6.0)], stop="converged")
+        report.save_histogram(out / "p.png", [dict(index=0, seed=0, psnr=31.0), dict(index=1, seed=0, psnr=12.0)])
+        print(matplotlib.get_backend())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "pdf"
+    assert all((tmp_path / f"{name}.png").stat().st_size > 1000 for name in "hrtp")

@@ -1,20 +1,29 @@
-"""Figures of an attack: the optimisation history (as the original DLG shows it) and the final result."""
+"""Figures of an attack: the optimisation history (as the original DLG shows it) and the final result.
+
+Figures are drawn on `matplotlib.figure.Figure` objects, not through pyplot: saving one needs no backend, and
+the library never switches the backend of the process it runs in (a notebook's inline display keeps working
+after an attack or a sweep has saved its figures).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dlg_jax.results.files import save_figure  # noqa: E402
+from dlg_jax.results.files import save_figure
 
 
-def _show(ax, image: np.ndarray) -> None:
+def grid(rows: int, columns: int, figsize: tuple[float, float]):
+    """A figure and its (rows, columns) array of axes."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, columns, squeeze=False)
+
+
+def show_image(ax, image: np.ndarray) -> None:
+    """An image in [0, 1] (H, W, C), clipped; one channel in grey."""
     image = np.clip(image, 0.0, 1.0)
     ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None,
               vmin=0.0, vmax=1.0)
@@ -30,40 +39,38 @@ def save_history(path: Path, snapshots: Sequence[tuple[int, np.ndarray]], column
     """
     num_images = snapshots[0][1].shape[0]
     rows_per_image = -(-len(snapshots) // columns)
-    fig, axes = plt.subplots(rows_per_image * num_images, columns, squeeze=False,
-                             figsize=(1.2 * columns, 1.35 * rows_per_image * num_images))
+    fig, axes = grid(rows_per_image * num_images, columns, (1.2 * columns, 1.35 * rows_per_image * num_images))
     for ax in axes.flat:
         ax.axis("off")
     for n in range(num_images):
         for i, (step, images) in enumerate(snapshots):
             ax = axes[n * rows_per_image + i // columns, i % columns]
-            _show(ax, images[n])
+            show_image(ax, images[n])
             last = stop is not None and i == len(snapshots) - 1
             ax.set_title(f"{stop} {step}" if last else f"iter={step}", fontsize=7, color="tab:red" if last else "black")
     fig.tight_layout()
     save_figure(path, fig, dpi=100)
-    plt.close(fig)
 
 
 def save_reconstruction(path: Path, truths: np.ndarray, reconstructions: np.ndarray,
                         captions: Sequence[tuple[str, str]]) -> None:
     """Ground truth beside reconstruction for each image; `captions` = [(truth caption, recon caption)]."""
     num_images = len(truths)
-    fig, axes = plt.subplots(num_images, 2, squeeze=False, figsize=(4.6, 2.4 * num_images))
+    fig, axes = grid(num_images, 2, (4.6, 2.4 * num_images))
     for n in range(num_images):
         for ax, image, caption in zip(axes[n], (truths[n], reconstructions[n]), captions[n]):
-            _show(ax, image)
+            show_image(ax, image)
             ax.set_title(caption, fontsize=8)
     fig.tight_layout()
     save_figure(path, fig, dpi=100)
-    plt.close(fig)
 
 
 def save_trace(path: Path, values: Sequence[tuple[int, float, int]], scores: Sequence[tuple[int, float]],
                stop: str | None = None) -> None:
     """The gradient distance D (log scale) and the PSNR of the current dummy against the truth, per step."""
     steps = [v[0] for v in values]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, axes = grid(1, 1, (6, 3.2))
+    ax = axes[0, 0]
     ax.semilogy(steps, [max(v[1], 1e-30) for v in values], color="tab:blue")
     ax.set_xlabel("step")
     ax.set_ylabel("gradient distance D", color="tab:blue")
@@ -76,7 +83,6 @@ def save_trace(path: Path, values: Sequence[tuple[int, float, int]], scores: Seq
         ax.set_title(f"{stop} at step {steps[-1]}", fontsize=9)
     fig.tight_layout()
     save_figure(path, fig, dpi=100)
-    plt.close(fig)
 
 
 def save_gif(path: Path, snapshots: Sequence[tuple[int, np.ndarray]], scale: int = 4, frame_ms: int = 150) -> None:

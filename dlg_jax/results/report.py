@@ -109,14 +109,12 @@ def _psnr_key(row: dict) -> float:
 
 
 def save_histogram(path: Path, rows: Sequence[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dlg_jax.results.plots import grid
 
     psnr = np.array([r["psnr"] for r in image_rows(rows)], np.float64)
     psnr = psnr[np.isfinite(psnr)]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, axes = grid(1, 1, (6, 3.5))
+    ax = axes[0, 0]
     ax.hist(psnr, bins=max(10, min(60, len(psnr) // 3 or 1)), color="tab:blue", alpha=0.8)
     ax.axvline(SUCCESS_DB, color="tab:red", linestyle="--", label=f"{SUCCESS_DB:.0f} dB")
     ax.set_xlabel("PSNR (dB)")
@@ -125,15 +123,11 @@ def save_histogram(path: Path, rows: Sequence[dict]) -> None:
     ax.legend()
     fig.tight_layout()
     save_figure(path, fig, dpi=100)
-    plt.close(fig)
 
 
 def save_worst(path: Path, rows: Sequence[dict], images_dir: Path, count: int = 16, pairs_per_row: int = 4) -> None:
     """A grid of the `count` lowest-PSNR rows (those whose images are on disk): truth, then reconstruction."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dlg_jax.results.plots import grid, show_image
 
     chosen = []
     images = image_rows(rows)
@@ -151,21 +145,18 @@ def save_worst(path: Path, rows: Sequence[dict], images_dir: Path, count: int = 
         return
     cols = min(pairs_per_row, len(chosen))
     grid_rows = -(-len(chosen) // cols)
-    fig, axes = plt.subplots(grid_rows, 2 * cols, squeeze=False, figsize=(2.4 * cols, 1.45 * grid_rows))
+    fig, axes = grid(grid_rows, 2 * cols, (2.4 * cols, 1.45 * grid_rows))
     for ax in axes.flat:
         ax.axis("off")
     for n, (r, truth, recon) in enumerate(chosen):
         for j, (image, title) in enumerate(((truth, f"#{r['index']} s{r['seed']} label {r['label_true']}"),
                                             (recon, f"{_psnr_key(r):.1f} dB, label {r['label_pred']}"))):
             ax = axes[n // cols, 2 * (n % cols) + j]
-            image = np.clip(image, 0.0, 1.0)
-            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None,
-                      vmin=0.0, vmax=1.0)
+            show_image(ax, image)
             ax.set_title(title, fontsize=6)
     fig.suptitle(f"worst {len(chosen)} of {len(images)} images by PSNR: truth | reconstruction", fontsize=8)
     fig.tight_layout()
     save_figure(path, fig, dpi=110)
-    plt.close(fig)
 
 
 def image_name(index: int, seed: int) -> str:
