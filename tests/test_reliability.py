@@ -91,11 +91,15 @@ def test_temporary_files_are_unpredictable_and_atomic(tmp_path):
     write_atomic(target, "{}\n")
     assert target.read_text() == "{}\n" and not (tmp_path / "victim").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json", "summary.json.tmp"]
+    from dlg_jax.results import files
+
     old = os.umask(0o022)
+    files._umask.cache_clear()  # read once per process: read it again under this umask
     try:
         write_atomic(target, "{}\n")
     finally:
         os.umask(old)
+        files._umask.cache_clear()
     assert target.stat().st_mode & 0o777 == 0o644  # an ordinary file's permissions, not mkstemp's 0600
 
 

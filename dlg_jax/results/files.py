@@ -11,6 +11,7 @@ guessable, nothing is half-written, and no non-finite number reaches a JSON file
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -53,7 +54,10 @@ def check_writable(directory: Path) -> None:
         raise UsageError(f"--out {directory}: cannot write there ({error.strerror or error})") from None
 
 
+@functools.cache
 def _umask() -> int:
+    """The process's umask, read once: reading it means setting it, which must not happen on every write (another
+    thread creating a file in that window would get no umask at all)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
