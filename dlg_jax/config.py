@@ -26,18 +26,24 @@ SCHEDULES = ("constant", "step", "cosine")
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """What is minimised: `distance` between the dummy's gradient and the shared one, plus a total-variation
-    prior of weight `tv_weight` in the first stage, divided by 10 at each of `tv_stages` equal stages of the
-    iterations, and 0 in the last (so an attack ends on the gradient distance alone)."""
+    """What is minimised: `distance` between the dummy's gradient and the shared one, plus an image `prior`
+    (total variation) of weight `tv_weight` in the first stage, divided by 10 at each of `tv_stages` equal stages
+    of the iterations, and 0 in the last (so an attack ends on the gradient distance alone); `tv_stages=0`: the
+    weight stays `tv_weight` throughout (Inverting Gradients)."""
 
     distance: str = "l2"  # dlg_jax.parts.objectives.DISTANCES
     tv_weight: float = 0.0
     tv_stages: int = 4
+    prior: str = "tv"  # dlg_jax.parts.objectives.PRIORS: tv (colour, smoothed), tv-anisotropic (Inverting Gradients)
 
     @property
     def stages(self) -> int:
-        """Stages of an attempt: `tv_stages` with a prior, one without."""
-        return self.tv_stages if self.tv_weight > 0 else 1
+        """Stages of an attempt: `tv_stages` with a staged prior, one without a prior or with a constant one."""
+        return self.tv_stages if self.tv_weight > 0 and self.tv_stages > 0 else 1
+
+    @property
+    def constant_prior(self) -> bool:
+        return self.tv_weight > 0 and self.tv_stages == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,13 +109,14 @@ class AttackConfig:
     rules: Rules = Rules()
 
     def __post_init__(self):
-        from dlg_jax.parts.dummies import DUMMIES
-        from dlg_jax.parts.objectives import DISTANCES
+        from dlg_jax.parts.dummies import DUMMIES, PROJECTED
+        from dlg_jax.parts.objectives import DISTANCES, PRIORS
         from dlg_jax.solvers import SOLVERS
 
         o, s, r = self.objective, self.solver, self.rules
         for name, value, allowed in (("labels", self.labels, LABEL_STRATEGIES), ("dummy", self.dummy, DUMMIES),
                                      ("precision", self.precision, PRECISIONS), ("distance", o.distance, DISTANCES),
+                                     ("prior", o.prior, PRIORS),
                                      ("optimizer", s.optimizer, SOLVERS), ("schedule", s.schedule, SCHEDULES),
                                      ("linesearch_condition", s.linesearch_condition, LINESEARCH_CONDITIONS)):
             if value not in allowed:
@@ -127,8 +134,11 @@ class AttackConfig:
             raise ValueError("linesearch_decrease must be between 0 and 1")
         if not 0 < s.learning_rate < float("inf"):
             raise ValueError("learning_rate must be a positive number")
-        if not 0 <= o.tv_weight < 1e6 or o.tv_stages <= 0 or (o.tv_weight > 0 and o.tv_stages > r.steps):
-            raise ValueError("tv_weight must be in [0, 1e6) and tv_stages between 1 and steps")
+        if not 0 <= o.tv_weight < 1e6 or o.tv_stages < 0 or (o.tv_weight > 0 and o.tv_stages > r.steps):
+            raise ValueError("tv_weight must be in [0, 1e6) and tv_stages between 0 (constant) and steps")
+        if self.dummy in PROJECTED and s.optimizer != "adam":
+            raise ValueError(f"dummy {self.dummy!r} is projected after every step: a projected-gradient method, "
+                             "for optimizer adam (L-BFGS's curvature pairs would not hold)")
         if s.optimizer == "torch-lbfgs" and (self.dummy != "free" or o.tv_weight > 0):
             raise ValueError("the image prior (sigmoid pixels, TV) is not for torch-lbfgs, the reference's optimizer")
 
@@ -188,6 +198,8 @@ FIELD_SECTIONS = _field_sections()
 # ----------------------------------------------------------------------------------------------------------
 # Presets: named starting points, as flax examples' get_config().
 
+IG_TV_WEIGHT = 0.5  # measured: experiments/results/inverting_gradients.md
+
 PRESETS: dict[str, AttackConfig] = {
     # The paper: joint labels, free pixels, squared L2 distance, L-BFGS (measured settings: docs/performance.md).
     "dlg": AttackConfig(),
@@ -198,6 +210,15 @@ PRESETS: dict[str, AttackConfig] = {
                           rules=Rules(steps=600, retries=3, plateau_reduction=0.0)),
     # The reference procedure: torch.optim.LBFGS's semantics, one attempt, every step run (no early stop).
     "reference": AttackConfig(solver=Solver(optimizer="torch-lbfgs"), rules=Rules(retries=0, tolerance=0.0)),
+    # Inverting Gradients (Geiping et al., 2020; inversefed's defaults): one cosine distance over all layers,
+    # anisotropic TV at a constant weight, Adam lr 0.1 on the gradient's sign, x0.1 at 3/8, 5/8, 7/8 of 4,800
+    # iterations, pixels boxed to [0, 1], iDLG labels, one restart run to the end (no early stop, no stall probe).
+    # inversefed's TV weight 1e-1 is on images normalised by the CIFAR std (~0.2): 0.5 on our [0, 1] pixels.
+    "inverting-gradients": AttackConfig(
+        labels="idlg", dummy="box", objective=Objective(distance="cosine", tv_weight=IG_TV_WEIGHT, tv_stages=0,
+                                                        prior="tv-anisotropic"),
+        solver=Solver(optimizer="adam", learning_rate=0.1, schedule="step", signed=True),
+        rules=Rules(steps=240, tolerance=0.0, retries=0, probe_steps=0, plateau_reduction=0.0)),
 }
 
 

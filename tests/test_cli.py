@@ -104,7 +104,10 @@ def test_cli_image_file_source(tmp_path):
     (["--tv-weight", "nan"], "--tv-weight"),
     (["--pixel-range", "clip"], "--pixel-range"),
     (["--tv-weight", "1e-5", "--optimizer", "torch-lbfgs"], "is not for torch-lbfgs"),
-    (["--tv-weight", "1e-5", "--steps", "3", "--tv-stages", "4"], "tv_stages between 1 and steps"),
+    (["--tv-weight", "1e-5", "--steps", "3", "--tv-stages", "4"], "tv_stages between 0 (constant) and steps"),
+    (["--data", str(CIFAR100), "--model", "resnet2"], "unknown model 'resnet2'"),
+    (["--data", str(CIFAR100), "--model", "resnet20", "--checkpoint", "missing.npz"], "cannot read checkpoint"),
+    (["--data", str(CIFAR100), "--pixel-range", "box"], "projected after every step"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, fragment):
     out = tmp_path / "out"

@@ -57,9 +57,9 @@ def case_from_args(args, dataset, config):
     try:
         with precision_scope(config):
             return build(args.model, dataset.num_classes, dataset.image_shape, args.model_seed, config.dtype,
-                         defenses=defenses, dp_clip=getattr(args, "dp_clip", 1.0))
+                         defenses=defenses, dp_clip=getattr(args, "dp_clip", 1.0), checkpoint=args.checkpoint)
     except ValueError as error:
-        raise UsageError(f"--model: {error}") from None
+        raise UsageError(f"--{'checkpoint' if 'checkpoint' in str(error) else 'model'}: {error}") from None
 
 
 def add_defense_flags(parser: argparse.ArgumentParser, axis: bool) -> None:
@@ -157,6 +157,16 @@ def seed(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = non_negative_float(text)
     if value <= 0:
@@ -177,11 +187,15 @@ ATTACK_FLAGS = (
     ("--iterations-per-step", "iterations_per_step", dict(type=positive_int),
      "solver iterations per step (default 20, torch's max_iter)"),
     ("--precision", "precision", dict(choices=("float32", "float64")), "arithmetic of the attack (default float32)"),
-    ("--pixel-range", "dummy", dict(choices=("free", "sigmoid")),
-     "free: optimise pixels directly (the paper); sigmoid: images = sigmoid(dummy), kept in (0, 1) (an image prior)"),
+    ("--pixel-range", "dummy", dict(choices=("free", "sigmoid", "box")),
+     "free: optimise pixels directly (the paper); sigmoid: images = sigmoid(dummy), kept in (0, 1) (an image "
+     "prior); box: free pixels projected onto [0, 1] after every step (Inverting Gradients; adam only)"),
     ("--tv-weight", "tv_weight", dict(type=non_negative_float),
      "weight of a total-variation prior, divided by 10 per stage and 0 in the last (default 0; 1e-5 in preset batch)"),
-    ("--tv-stages", "tv_stages", dict(type=positive_int), "equal stages of the steps over which the TV weight falls (default 4)"),
+    ("--tv-stages", "tv_stages", dict(type=non_negative_int),
+     "equal stages of the steps over which the TV weight falls (default 4; 0: constant, as Inverting Gradients)"),
+    ("--prior", "prior", dict(choices=("tv", "tv-anisotropic")),
+     "the image prior --tv-weight weighs: tv (colour TV, smoothed; default), tv-anisotropic (Inverting Gradients')"),
     ("--distance", "distance", dict(choices=("l2", "cosine", "l2+l1")),
      "gradient distance: l2 (the paper, default), cosine (Inverting Gradients), l2+l1 (TAG)"),
     ("--learning-rate", "learning_rate", dict(type=positive_float), "Adam's learning rate (default 0.1)"),
@@ -208,14 +222,19 @@ def add_attack_flags(parser: argparse.ArgumentParser, text: bool = False) -> Non
     group = parser.add_argument_group("attack (flags override the preset)")
     group.add_argument("--preset", default=None, choices=sorted(PRESETS) + text_presets,
                        help="dlg (default; batch for --batch-size >= 2 when no attack flag is given), idlg, batch, "
-                            "reference (torch-lbfgs, one attempt, every step)" + (
+                            "reference (torch-lbfgs, one attempt, every step), inverting-gradients (cosine + TV + "
+                            "signed Adam in a box, 4,800 iterations; for ReLU/BatchNorm models)" + (
                                 "; text models: rows (default), lamp-cos, tag, dlg-text (the paper's)" if text else ""))
     for flag, field, kind, text in ATTACK_FLAGS:
         group.add_argument(flag, dest=field, default=None, help=text, **kind)
     group.add_argument("--signed", action="store_true", default=None, help="Adam on the gradient's sign")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="lenet", help="model by name (default lenet, the paper's)")
+    model.add_argument("--model", default="lenet",
+                       help="model by name: lenet (default, the paper's), lenet-relu, convnet, resnet20, resnet18 "
+                            "(BatchNorm in eval mode; NAME-train: in train mode)" + (", bert, gpt, ..." if text else ""))
     model.add_argument("--model-seed", type=seed, default=1234, help="seed of the model weights (default 1234)")
+    model.add_argument("--checkpoint", default=None,
+                       help="the model's weights from this file (python -m dlg_jax.train writes them) instead of a seed")
 
 
 def attack_config(args, batch_size: int = 1):

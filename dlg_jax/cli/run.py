@@ -106,6 +106,7 @@ def write_outputs(out: Path, dataset: data_lib.Dataset, positions: Sequence[int]
     result.update(outcome.result(), **trace.result())
     result.update(defense_record(args, [d.name for d in args.defenses], [d.strengths[0] for d in args.defenses]))
     result.update(source=dataset.source, seed=args.seed, model=args.model, model_seed=args.model_seed,
+                  checkpoint=args.checkpoint,
                   preset=args.preset, config=config.to_dict())
     write_atomic(out / "result.json", dumps(result, indent=2) + "\n")
     return result

@@ -109,20 +109,28 @@ def _load(args, indices: list[int]) -> tuple[data_lib.Dataset, dict[int, int]]:
 def _identity(args, dataset: data_lib.Dataset, config, devices: int) -> tuple[dict, dict]:
     source = "npz" if args.data else f"tfds {args.dataset}[{args.split}]"
     identity = sweep_identity(source, dataset, config, args.model, args.model_seed, args.restarts, args.batch_size,
-                              devices)
+                              devices, args.checkpoint)
     return identity, dict(data=args.data if args.data else source, out=args.out)
 
 
 def sweep_identity(source: str, dataset: data_lib.Dataset, config, model: str, model_seed: int, restarts: int,
-                   batch_size: int, devices: int) -> dict:
+                   batch_size: int, devices: int, checkpoint: str | None = None) -> dict:
     """What the rows depend on (a rerun in the same DIR must match it; the work list may grow); provenance is
     stored beside it but not compared. The data is identified by content (a copy elsewhere is the same data;
     other content at the same path is not); `devices`: JAX devices per process, since XLA rounds a program
     sharded over 2 devices differently from one on 1 (results differ in the last bits, then chaotically)."""
     data = dict(source=source, sha256=dataset.content_hash(), image_shape=list(dataset.image_shape),
                 num_classes=dataset.num_classes)
-    return dict(data=data, attack=config.to_dict(), model=model, model_seed=model_seed, restarts=restarts,
-                batch_size=batch_size, devices_per_process=devices)
+    identity = dict(data=data, attack=config.to_dict(), model=model, model_seed=model_seed, restarts=restarts,
+                    batch_size=batch_size, devices_per_process=devices)
+    if checkpoint is not None:  # the weights, by content (only when given: older sweeps resume unchanged)
+        import hashlib
+
+        try:
+            identity["checkpoint_sha256"] = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+        except OSError as error:
+            raise UsageError(f"--checkpoint {checkpoint}: cannot read it ({error.strerror or error})") from None
+    return identity
 
 
 def batches(indices: list[int], size: int) -> dict[int, list[int]]:

@@ -108,6 +108,8 @@ def text_main(args, prog: str) -> int:
 
         if args.model not in TEXT_MODELS:
             raise UsageError(f"--model {args.model} reads images: text needs one of {', '.join(TEXT_MODELS)}")
+        if getattr(args, "checkpoint", None):
+            raise UsageError("--checkpoint is for image models (text models start from --model-seed)")
         attack = text_attack(args)
         sentences = read_sentences(args)
         encoded = encode_all(sentences)

@@ -25,7 +25,7 @@ from dlg_jax.models import Model, get_model
 from dlg_jax.parts import dummies
 from dlg_jax.parts.attempts import Rules
 from dlg_jax.parts.labels import analytic_labels, last_layer_weight_grad
-from dlg_jax.parts.objectives import DISTANCES, Problem, gradient_matching
+from dlg_jax.parts.objectives import DISTANCES, PRIORS, Problem, gradient_matching
 from dlg_jax.solvers import make_solver
 
 CLIENT_STREAM = 0xC11E  # the client's transforms (noise, ...) draw from fold_in(key(seed), CLIENT_STREAM)
@@ -42,9 +42,17 @@ class Case(NamedTuple):
 
 def make_case(model: str, num_classes: int, input_shape: Sequence[int], model_seed: int = 1234,
               dtype=jnp.float32, transforms: Sequence[Callable] = (), defenses: Sequence[tuple[str, float]] = (),
-              dp_clip: float = 1.0) -> Case:
+              dp_clip: float = 1.0, checkpoint: str | None = None) -> Case:
+    """The case: model `model` with weights from `model_seed`, or from a `checkpoint` file (dlg_jax.train's:
+    its weights and running statistics), and the client's defenses."""
     spec = get_model(model, num_classes, input_shape)
-    return Case(spec, spec.init(model_seed, dtype), tuple(transforms), tuple(n for n, _ in defenses),
+    if checkpoint is not None:
+        from dlg_jax.models import checkpoint as checkpoints
+
+        spec, params = checkpoints.load(checkpoint, spec, dtype)
+    else:
+        params = spec.init(model_seed, dtype)
+    return Case(spec, params, tuple(transforms), tuple(n for n, _ in defenses),
                 tuple(float(s) for _, s in defenses), float(dp_clip))
 
 
@@ -89,11 +97,19 @@ def make_attack(case: Case, config: AttackConfig, batch_size: int = 1, solver=No
         if case.defenses[0] == "dp":  # its dummy's per-example gradients clipped alike, without the noise
             gradient = functools.partial(_clipped_gradient, clip=case.dp_clip)
     objective = functools.partial(gradient_matching, model=model, layout=layout, dummy=dummy,
-                                  distance=DISTANCES[config.objective.distance], tv=config.objective.tv_weight > 0,
+                                  distance=DISTANCES[config.objective.distance],
+                                  prior=PRIORS[config.objective.prior] if config.objective.tv_weight > 0 else None,
                                   gradient=gradient, compare=compare)
     if solver is None and config.solver.optimizer != "jaxopt-lbfgs":
         solver = make_solver(config)
+        if dummy.project is not None:  # a boxed dummy: every step ends projected onto the box
+            solver = solver.projected(functools.partial(_project_inputs, layout, dummy.project))
     return Attack(config, case, layout, dummy, solver, Rules.from_config(config), objective)
+
+
+def _project_inputs(layout, project, z: jax.Array) -> jax.Array:
+    parts = layout.unravel(z)
+    return layout.ravel({**parts, "inputs": project(parts["inputs"])})
 
 
 def _clipped_gradient(model, params, inputs, soft_labels, *, clip: float):

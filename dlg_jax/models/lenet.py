@@ -12,7 +12,7 @@ Kernels are stored HWIO (Flax's convention; PyTorch's OIHW is a transpose away) 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -76,12 +76,13 @@ class LeNet(nn.Module):
     num_classes: int = 100
     channels: int = 12
     strides: Sequence[int] = (2, 2, 1)
+    activation: Callable[[jax.Array], jax.Array] = nn.sigmoid  # nn.relu: `lenet-relu` (iDLG issue #5)
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         x = images
         for stride in self.strides:
-            x = nn.sigmoid(Conv(self.channels, stride)(x))
+            x = self.activation(Conv(self.channels, stride)(x))
         features = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)  # NCHW order, as torch's view()
         dense = nn.Dense(self.num_classes, kernel_init=uniform_init(), bias_init=uniform_init(), param_dtype=x.dtype)
         return dense(features)

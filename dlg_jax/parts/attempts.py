@@ -61,6 +61,7 @@ class Rules(NamedTuple):
     stages: int
     stage_iterations: int
     tv_weight: float
+    constant_prior: bool = False  # the weight stays tv_weight (no stages)
 
     @classmethod
     def from_config(cls, config) -> "Rules":
@@ -68,7 +69,7 @@ class Rules(NamedTuple):
         return cls(r.max_iterations, r.max_evaluations, r.probe_steps * r.iterations_per_step,
                    r.probe_steps * r.step_evaluations, r.probe_reduction,
                    r.plateau_reduction, r.plateau_floor, r.max_retries, o.stages, r.max_iterations // o.stages,
-                   o.tv_weight)
+                   o.tv_weight, o.constant_prior)
 
 
 class Attempt(NamedTuple):
@@ -103,9 +104,12 @@ def stage(rules: Rules, a: Attempt) -> jax.Array:
 
 
 def prior_weight(rules: Rules, a: Attempt) -> jax.Array:
-    """The TV weight of the attempt's current stage: tv_weight / 10^stage, 0 in the last stage."""
+    """The TV weight of the attempt's current stage: tv_weight / 10^stage, 0 in the last stage (or tv_weight
+    throughout: a constant prior)."""
     s = stage(rules, a)
     dtype = a.best_value.dtype
+    if rules.constant_prior:
+        return jnp.asarray(rules.tv_weight, dtype)
     decayed = jnp.asarray(rules.tv_weight, dtype) * jnp.asarray(10.0, dtype) ** (-s.astype(dtype))
     return jnp.where(s >= rules.stages - 1, jnp.zeros((), dtype), decayed)
 

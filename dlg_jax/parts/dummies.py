@@ -1,8 +1,9 @@
 """How the attacker parametrises what it does not know, and where it starts.
 
 A dummy parametrisation maps the optimised variables to model inputs: `free` pixels are the inputs themselves
-(the paper); `sigmoid` pixels are sigmoid(z), always in (0, 1) (an image prior for batches). A new one (text
-embeddings, say) is a `Dummy` and a line in `DUMMIES`.
+(the paper); `sigmoid` pixels are sigmoid(z), always in (0, 1) (an image prior for batches); `box` pixels are
+free but projected onto [0, 1] after every solver step (Inverting Gradients' box constraint: a projected
+gradient method, so Adam only). A new one (text embeddings, say) is a `Dummy` and a line in `DUMMIES`.
 
 Solvers see one flat vector: `Layout` ravels the dummy's parts, {"inputs": (N, ...), "label_logits": (N,
 classes)} for joint label recovery, in that (sorted) order. Starts are N(0, 1), drawn in float32 whatever the
@@ -20,9 +21,12 @@ from jax.flatten_util import ravel_pytree
 
 class Dummy(NamedTuple):
     decode: Callable[[jax.Array], jax.Array]  # optimised variables -> model inputs
+    project: Callable[[jax.Array], jax.Array] | None = None  # onto the feasible set, after every step (or None)
 
 
-DUMMIES: dict[str, Dummy] = {"free": Dummy(lambda z: z), "sigmoid": Dummy(jax.nn.sigmoid)}
+DUMMIES: dict[str, Dummy] = {"free": Dummy(lambda z: z), "sigmoid": Dummy(jax.nn.sigmoid),
+                             "box": Dummy(lambda z: z, lambda z: jnp.clip(z, 0.0, 1.0))}
+PROJECTED = tuple(name for name, d in DUMMIES.items() if d.project is not None)
 
 
 class Layout(NamedTuple):

@@ -55,6 +55,16 @@ def total_variation(images: jax.Array, smoothing: float = 1e-4) -> jax.Array:
     return jnp.sum(jnp.sqrt(jnp.sum(down**2 + right**2, axis=-1) + smoothing))
 
 
+def anisotropic_total_variation(images: jax.Array) -> jax.Array:
+    """mean |x_{i,j} - x_{i+1,j}| + mean |x_{i,j} - x_{i,j+1}|, each mean over every difference of the batch:
+    Inverting Gradients' TV (inversefed.metrics.total_variation), per channel and not smoothed (Adam on the
+    sign of the gradient needs no smoothness)."""
+    return (jnp.mean(jnp.abs(images[:, 1:] - images[:, :-1])) + jnp.mean(jnp.abs(images[:, :, 1:] - images[:, :, :-1])))
+
+
+PRIORS: dict[str, Callable[[jax.Array], jax.Array]] = {"tv": total_variation, "tv-anisotropic": anisotropic_total_variation}
+
+
 class Problem(NamedTuple):
     """One attack as arrays: what the attacker knows, where it starts, and when it has converged."""
 
@@ -66,17 +76,18 @@ class Problem(NamedTuple):
 
 
 def gradient_matching(z: jax.Array, prior_weight: jax.Array, problem: Problem, params: Params, *, model, layout,
-                      dummy, distance, tv: bool, gradient=client_gradient, compare=None) -> jax.Array:
-    """D(z) = distance(compare(gradient of the dummy), shared gradient) + prior_weight * TV(dummy inputs).
+                      dummy, distance, prior=None, gradient=client_gradient, compare=None) -> jax.Array:
+    """D(z) = distance(compare(gradient of the dummy), shared gradient) + prior_weight * prior(dummy inputs).
 
     z is the flat dummy: its inputs (decoded by the dummy parametrisation, e.g. sigmoid) and, for joint label
     recovery, label logits entering as their softmax; otherwise the labels read off the gradient are used.
     `gradient` is the client's (DP-SGD's clipped one for an adaptive attack on it); `compare(dummy's, shared)`
-    the adaptive attacker's view of the defenses (the pruned entries masked, the same cast; dlg_jax.defenses).
+    the adaptive attacker's view of the defenses (the pruned entries masked, the same cast; dlg_jax.defenses);
+    `prior` an image prior (`PRIORS`), None for none.
     """
     parts = layout.unravel(z)
     inputs = dummy.decode(parts["inputs"])
     labels = jax.nn.softmax(parts["label_logits"]) if "label_logits" in parts else problem.known_labels
     grads = gradient(model, params, inputs, labels)
     value = distance(grads if compare is None else compare(grads, problem.shared_grads), problem.shared_grads)
-    return value + prior_weight * total_variation(inputs) if tv else value
+    return value if prior is None else value + prior_weight * prior(inputs)

@@ -8,7 +8,7 @@ prototype used a cosine decay. The update itself is optax's: nothing of Adam is 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,11 @@ class Adam:
     schedule: str = "constant"
     iterations: int = 6000  # the schedule's horizon: the attack's iteration budget
     signed: bool = False
+    project: Callable[[jax.Array], jax.Array] | None = None  # onto a feasible set after each step (a boxed dummy)
+
+    def projected(self, project: Callable[[jax.Array], jax.Array]) -> "Adam":
+        """This Adam, every step followed by `project` (projected gradient descent: Inverting Gradients' box)."""
+        return dataclasses.replace(self, project=project)
 
     @property
     def transform(self) -> optax.GradientTransformation:
@@ -56,5 +61,8 @@ class Adam:
     def tell(self, state: AdamState, point, value, grad) -> tuple[AdamState, Step]:
         direction = jnp.sign(grad) if self.signed else grad
         updates, opt_state = self.transform.update(direction, state.opt_state, point)
-        return (AdamState(optax.apply_updates(point, updates), opt_state, jnp.zeros((), bool)),
+        x = optax.apply_updates(point, updates)
+        if self.project is not None:
+            x = self.project(x)
+        return (AdamState(x, opt_state, jnp.zeros((), bool)),
                 Step(started=state.fresh, iterated=jnp.ones((), bool)))
