@@ -122,11 +122,13 @@ class AttackResult:
 
 def attack(data, labels=None, *, index: int | Sequence[int] | None = None, seed: int = 1234,
            preset: str | None = None, model: str = "lenet", model_seed: int = 1234, snapshot_every: int = 10,
-           label_names: Sequence[str] | None = None, num_classes: int | None = None, **overrides) -> AttackResult:
+           label_names: Sequence[str] | None = None, num_classes: int | None = None, checkpoint: str | None = None,
+           **overrides) -> AttackResult:
     """Attack the gradient a client shares for private images, as `python -m dlg_jax.run` does.
 
     `data`: a `Dataset` (then `index`: one index or a batch's indices) or images (see `as_dataset`); labels
-    -1 or None: the model's own prediction. Returns an `AttackResult`."""
+    -1 or None: the model's own prediction; `checkpoint`: the model's weights from that file (dlg_jax.train's)
+    instead of `model_seed`. Returns an `AttackResult`."""
     from dlg_jax.engine.attack import make_case, precision_scope
     from dlg_jax.engine.single import attack_one
     from dlg_jax.results.judge import judge
@@ -137,14 +139,14 @@ def attack(data, labels=None, *, index: int | Sequence[int] | None = None, seed:
     dataset.check_indices(positions)
     cfg = make_config(preset, len(positions), **overrides)
     with precision_scope(cfg):
-        case = make_case(model, dataset.num_classes, dataset.image_shape, model_seed, cfg.dtype)
+        case = make_case(model, dataset.num_classes, dataset.image_shape, model_seed, cfg.dtype, checkpoint=checkpoint)
     outcome, trace = attack_one(case, cfg, dataset.images[positions], dataset.labels[positions], seed,
                                 snapshot_every=snapshot_every)
     truth = dataset.images[positions] / 255.0
     metrics, order = judge(truth, outcome.reconstruction, outcome.label_pred, outcome.label_true, positions,
                            dataset.label_names)
     metrics.update(outcome.result(), **trace.result())
-    metrics.update(seed=seed, model=model, model_seed=model_seed, config=cfg.to_dict())
+    metrics.update(seed=seed, model=model, model_seed=model_seed, checkpoint=checkpoint, config=cfg.to_dict())
     return AttackResult(np.clip(outcome.reconstruction[order], 0.0, 1.0), truth, metrics, metrics["trace"],
                         [(step, images[order]) for step, images in trace.snapshots])
 
@@ -188,7 +190,8 @@ class _InMemory:
 def run_sweep(data, labels=None, *, indices: Iterable[int] | None = None, seeds: Iterable[int] = (1234,),
           restarts: int = 1, lanes: int = 64, batch_size: int = 1, out: str | Path | None = None,
           progress: bool = True, preset: str | None = None, model: str = "lenet", model_seed: int = 1234,
-          label_names: Sequence[str] | None = None, num_classes: int | None = None, **overrides) -> SweepResult:
+          label_names: Sequence[str] | None = None, num_classes: int | None = None, checkpoint: str | None = None,
+          **overrides) -> SweepResult:
     """Many attacks (every index x seed; consecutive `batch_size` indices per gradient) in one compiled program,
     sharded over all local devices, as `python -m dlg_jax.sweep` runs them.
 
@@ -210,10 +213,10 @@ def run_sweep(data, labels=None, *, indices: Iterable[int] | None = None, seeds:
     dataset.check_indices(indices)
     cfg = make_config(preset, batch_size, **overrides)
     with precision_scope(cfg):
-        case = make_case(model, dataset.num_classes, dataset.image_shape, model_seed, cfg.dtype)
+        case = make_case(model, dataset.num_classes, dataset.image_shape, model_seed, cfg.dtype, checkpoint=checkpoint)
     runner = Sweep(case, cfg, restarts=restarts, batch_size=batch_size)
     identity = cli.sweep_identity(dataset.source, dataset, cfg, model, model_seed, restarts, batch_size,
-                                  len(jax.local_devices()))
+                                  len(jax.local_devices()), checkpoint)
     if out is not None:
         results = ResultsDir(Path(out), identity, provenance=dict(data=dataset.source, out=str(out)))
         results.open()  # locked until close(): a second sweep in `out` meanwhile is refused
