@@ -191,19 +191,27 @@ def run_sweep(data, labels=None, *, indices: Iterable[int] | None = None, seeds:
           restarts: int = 1, lanes: int = 64, batch_size: int = 1, out: str | Path | None = None,
           progress: bool = True, preset: str | None = None, model: str = "lenet", model_seed: int = 1234,
           label_names: Sequence[str] | None = None, num_classes: int | None = None, checkpoint: str | None = None,
-          **overrides) -> SweepResult:
+          defenses: Sequence[str] = (), dp_clip: float = 1.0, dp_steps: int = 1000, dp_rate: float = 0.01,
+          dp_delta: float = 1e-5, **overrides) -> SweepResult:
     """Many attacks (every index x seed; consecutive `batch_size` indices per gradient) in one compiled program,
     sharded over all local devices, as `python -m dlg_jax.sweep` runs them.
 
     With `out`, the rows go to that results directory as they finish (resumable: call again to continue; another
     configuration there is refused) and the summary files are written at the end; without it they stay in
-    memory. Returns a `SweepResult`."""
+    memory. `defenses`: the client's, as `--defense` specs (`["prune:0.01,0.1"]`: a list of strengths is an axis,
+    every setting in the same compiled program; rows carry `defense`, and with `out` each setting has its own
+    `out/<setting>/`); `dp_*` as the CLI's `--dp-*`; `adaptive=True` (an override) models them. With defenses the
+    summary is a dict setting -> summary. Returns a `SweepResult`."""
+    import types
+
     import jax
 
     from dlg_jax.cli import sweep as cli
     from dlg_jax.engine.attack import make_case, precision_scope
     from dlg_jax.engine.scheduler import Sweep
     from dlg_jax.results import report
+    from dlg_jax.cli.common import defenses_from_args
+    from dlg_jax.results.files import dumps, write_atomic
     from dlg_jax.results.store import ResultsDir
 
     setup()
@@ -212,27 +220,48 @@ def run_sweep(data, labels=None, *, indices: Iterable[int] | None = None, seeds:
     seeds = [int(s) for s in seeds]
     dataset.check_indices(indices)
     cfg = make_config(preset, batch_size, **overrides)
+    flags = types.SimpleNamespace(defense=list(defenses), dp_clip=dp_clip, dp_steps=dp_steps, dp_rate=dp_rate,
+                                  dp_delta=dp_delta)
+    parsed = defenses_from_args(flags, batch_size, axis=True)
     with precision_scope(cfg):
-        case = make_case(model, dataset.num_classes, dataset.image_shape, model_seed, cfg.dtype, checkpoint=checkpoint)
+        case = make_case(model, dataset.num_classes, dataset.image_shape, model_seed, cfg.dtype, checkpoint=checkpoint,
+                         defenses=[(d.name, d.strengths[0]) for d in parsed], dp_clip=dp_clip)
     runner = Sweep(case, cfg, restarts=restarts, batch_size=batch_size)
     identity = cli.sweep_identity(dataset.source, dataset, cfg, model, model_seed, restarts, batch_size,
                                   len(jax.local_devices()), checkpoint)
-    if out is not None:
-        results = ResultsDir(Path(out), identity, provenance=dict(data=dataset.source, out=str(out)))
-        results.open()  # locked until close(): a second sweep in `out` meanwhile is refused
-    else:
-        results = _InMemory()
+    provenance = dict(data=dataset.source, out=str(out))
+
+    def results_for(record):
+        if out is None:
+            return _InMemory()
+        if record is None:
+            return ResultsDir(Path(out), identity, provenance=provenance)
+        return ResultsDir(Path(out) / record["defense"], dict(identity, defense=record), provenance=provenance)
+
+    route = cli.defended_route(flags, results_for) if parsed else {None: (results_for(None), {})}
     members = cli.batches(indices, batch_size)
-    done = {(r["index"], r["seed"]) for r in results.rows()}
-    pending = [(i, s, None) for i in members for s in seeds if (i, s) not in done]
+    pending = []
+    for strengths, (results, _) in route.items():
+        if out is not None:
+            results.open()  # locked until close(): a second sweep in `out` meanwhile is refused
+        done = {(r["index"], r["seed"]) for r in results.rows()}
+        pending += [(i, s, strengths) for i in members for s in seeds if (i, s) not in done]
     options = dataclasses.make_dataclass("Options", ["quiet", "lanes"])(quiet=not progress, lanes=lanes)
-    cli._run(options, runner, dataset, {i: i for i in indices}, members, pending, {None: (results, {})})
-    rows = sorted(results.rows(), key=lambda r: (r["index"], r["seed"]))
-    if out is not None:
-        summary = report.write(results.path, rows, results.identity)
-        results.close()
-    else:
-        summary = report.summarise(rows)
+    cli._run(options, runner, dataset, {i: i for i in indices}, members, pending, route)
+    rows, summaries = [], {}
+    for results, record in route.values():
+        mine = sorted(results.rows(), key=lambda r: (r["index"], r["seed"]))
+        if out is not None:
+            summaries[record.get("defense")] = report.write(results.path, mine, results.identity)
+            results.close()
+        else:
+            summaries[record.get("defense")] = report.summarise(mine)
+        rows += mine
+    if parsed and out is not None:
+        lines = cli.defended_summary(route, summaries, [d.name for d in parsed], len(members), len(seeds), cfg.adaptive)
+        write_atomic(Path(out) / "summary.md", "\n".join(lines) + "\n")
+        write_atomic(Path(out) / "settings.json", dumps([record for _, record in route.values()], indent=2) + "\n")
+    summary = summaries if parsed else summaries[None]
     return SweepResult(rows, summary, Path(out) if out is not None else None)
 
 

@@ -253,11 +253,8 @@ def _defended(args, prog, dataset, position, config, identity: dict, provenance:
     identity includes the defense, so each resumes alone), and all of them run in one compiled program, each
     task's strengths a per-lane array. DIR/summary.md: one line per setting."""
     names = [d.name for d in args.defenses]
-    route = {}
-    for strengths in itertools.product(*(d.strengths for d in args.defenses)):
-        record = defense_record(args, names, strengths)
-        results = ResultsDir(Path(args.out) / record["defense"], dict(identity, defense=record), provenance=provenance)
-        route[tuple(strengths)] = (results, record)
+    route = defended_route(args, lambda record: ResultsDir(Path(args.out) / record["defense"],
+                                                           dict(identity, defense=record), provenance=provenance))
     members = batches(indices, args.batch_size)
 
     def pending_tasks():
@@ -279,20 +276,39 @@ def _defended(args, prog, dataset, position, config, identity: dict, provenance:
     if len(pending) < total:
         print(f"{prog}: resuming: {total - len(pending)} done, {len(pending)} to go", file=sys.stderr, flush=True)
     _run(args, runner, dataset, position, members, pending, route)
-    lines = ["# Defended sweep", "", f"{len(route)} settings of {' then '.join(names)}, {len(members)} image(s) x "
-             f"{len(seeds)} seed(s) each; attack {'adaptive' if config.adaptive else 'naive'}.", "",
-             f"| setting | epsilon | attacks | PSNR >= {report.SUCCESS_DB:.0f} dB | median PSNR | mean PSNR | attacks/hour |",
-             "|---|---|---|---|---|---|---|"]
-    for results, record in route.values():
-        summary = report.write(results.path, results.rows(), results.identity)
-        if summary["rows"]:
-            eps = "" if record["epsilon"] is None else f"{record['epsilon']:.3g}"
-            lines.append(f"| {record['defense']} | {eps} | {summary['rows']} | {100 * summary['success_rate']:.0f}% | "
-                         f"{summary['median_psnr']:.2f} | {summary['mean_psnr']:.2f} | {summary['attacks_per_hour']:.0f} |")
+    summaries = {record["defense"]: report.write(results.path, results.rows(), results.identity)
+                 for results, record in route.values()}
+    lines = defended_summary(route, summaries, names, len(members), len(seeds), config.adaptive)
     write_atomic(Path(args.out) / "summary.md", "\n".join(lines) + "\n")
     write_atomic(Path(args.out) / "settings.json", dumps([record for _, record in route.values()], indent=2) + "\n")
     print("\n".join(lines[4:]))
     return 0
+
+
+def defended_route(args, results_for) -> dict:
+    """Every combination of the --defense strengths (`args.defenses`, their product, in order) -> (where its rows
+    go: `results_for(record)`, the record every row of it gets: dlg_jax.cli.common.defense_record)."""
+    names = [d.name for d in args.defenses]
+    route = {}
+    for strengths in itertools.product(*(d.strengths for d in args.defenses)):
+        record = defense_record(args, names, strengths)
+        route[tuple(strengths)] = (results_for(record), record)
+    return route
+
+
+def defended_summary(route: dict, summaries: dict, names, images: int, seeds: int, adaptive: bool) -> list[str]:
+    """summary.md of a defended sweep: one line per setting (`summaries`: setting -> report.summarise's)."""
+    lines = ["# Defended sweep", "", f"{len(route)} settings of {' then '.join(names)}, {images} image(s) x "
+             f"{seeds} seed(s) each; attack {'adaptive' if adaptive else 'naive'}.", "",
+             f"| setting | epsilon | attacks | PSNR >= {report.SUCCESS_DB:.0f} dB | median PSNR | mean PSNR | attacks/hour |",
+             "|---|---|---|---|---|---|---|"]
+    for _, record in route.values():
+        summary = summaries[record["defense"]]
+        if summary["rows"]:
+            eps = "" if record["epsilon"] is None else f"{record['epsilon']:.3g}"
+            lines.append(f"| {record['defense']} | {eps} | {summary['rows']} | {100 * summary['success_rate']:.0f}% | "
+                         f"{summary['median_psnr']:.2f} | {summary['mean_psnr']:.2f} | {summary['attacks_per_hour']:.0f} |")
+    return lines
 
 
 def _runner(args, dataset: data_lib.Dataset, config):
