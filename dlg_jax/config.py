@@ -150,10 +150,13 @@ class AttackConfig:
 
     # -- plain data
     def to_dict(self) -> dict:
-        """The fields as plain data; `adaptive` only when set, so sweeps stored before it existed still resume."""
+        """The fields as plain data; `adaptive` only when set and the prior only when not `tv`, so sweeps stored
+        before they existed still resume."""
         data = dataclasses.asdict(self)
         if not data["adaptive"]:
             del data["adaptive"]
+        if data["objective"]["prior"] == "tv":
+            del data["objective"]["prior"]
         return data
 
     @classmethod

@@ -140,6 +140,11 @@ def test_the_preset_is_inverting_gradients():
     assert c.rules.max_iterations == 4800 and c.rules.max_retries == 0 and c.rules.tolerance == 0
     with pytest.raises(ValueError, match="projected after every step"):
         c.override(optimizer="lbfgs")
+    # config.json: the default prior is left out, so sweeps stored before priors had names still resume
+    assert "prior" not in get_config("dlg").to_dict()["objective"] and c.to_dict()["objective"]["prior"] == "tv-anisotropic"
+    from dlg_jax.config import AttackConfig
+
+    assert AttackConfig.from_dict(c.to_dict()) == c
 
 
 def test_the_engines_inverting_gradients_is_optax_adam_run_alone():
