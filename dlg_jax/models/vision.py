@@ -9,9 +9,9 @@
   2016; 0.27 M parameters). ResNet-18: 4 stages of 2 blocks, width 64 (11.2 M parameters).
 
 Convolutions are computed as im2col + one matrix product on CPU (`conv`): inside the engine's while loop XLA:CPU
-runs `lax.conv`'s second-order program 10x slower than outside it (measured: 13.3 ms against 1.2 ms per gradient
-evaluation of 4 3x3 convolutions of 32 channels, 32x32), while im2col costs the same in and out of it (2.8 ms);
-on accelerators `lax.conv`. Convolutions are He-normal (fan out) and BatchNorm starts at scale 1, bias 0, as inversefed's ResNets; the
+runs `lax.conv`'s second-order program 10-24x slower than outside it (4 3x3 convolutions of 32 channels, 32x32:
+13.3 ms against 1.2 ms per evaluation on 2 cores, 26.1 against 1.0 on one), while im2col costs the same in and out
+of it (2.8 ms; 3.5): experiments/results/bench_conv_in_loop.md. On accelerators `lax.conv`. Convolutions are He-normal (fan out) and BatchNorm starts at scale 1, bias 0, as inversefed's ResNets; the
 linear layer is Flax's default (LeCun normal, bias 0). Features are flattened NHWC (these models have no PyTorch
 reference to match tensor for tensor).
 
