@@ -102,7 +102,12 @@ def test_training_lowers_the_loss_and_the_checkpoint_loads_into_an_attack(tmp_pa
     lines = [line for line in run.stdout.splitlines() if line.startswith("step ")]
     first, last = (float(line.split("loss ")[1].split(",")[0]) for line in (lines[0], lines[-1]))
     assert len(lines) == 2 and last < first, run.stdout
-    assert checkpoint.info(out)["steps"] == 40
+    assert checkpoint.info(out)["steps"] == 40 and checkpoint.info(out)["clip_norm"] == 1.0
+    model, params = checkpoint.load(out, get_model("lenet-relu", 10, (28, 28, 1)))
+    with np.load(data) as npz:
+        image, label = npz["images"][100:101, :, :, None] / 255.0, npz["labels"][100:101]
+    grads = client_gradient(model, params, jnp.asarray(image, jnp.float32), one_hot(label, 10))
+    assert float(jnp.linalg.norm(grads["Conv_0"]["kernel"])) > 0  # alive: its ReLUs did not all die
     attack = run_cli("--model", "lenet-relu", "--checkpoint", out, "--data", data, "--index", "100", "--steps", "2",
                      "--out", tmp_path / "attack")
     assert attack.returncode == 0, attack.stderr
