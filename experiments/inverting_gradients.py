@@ -14,7 +14,7 @@ first shared images of CIFAR-10 or CIFAR-100, seed 0, batch 1:
 - budgets: every attack gets `--iterations` solver iterations (DLG's steps x 20; IG's 4,800 by default), so the
   comparison is at equal iterations (L-BFGS may spend up to 1.25 evaluations per iteration).
 
-Writes OUT/inverting_gradients.md and .csv: per cell the attacks, the median and best PSNR and SSIM, the share at
+Writes OUT/inverting_gradients.md, .csv and .png (truth and reconstructions of the ResNet cells): per cell the attacks, the median and best PSNR and SSIM, the share at
 PSNR >= 20 dB (a recognisable image) and >= 30 dB, labels right, the statuses, seconds per attack and attacks
 per hour of the sweep (its own wall clock, 2 processes on this machine's 2 cores).
 """
@@ -122,6 +122,38 @@ def table(summaries: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def figure(out: Path, path: Path) -> None:
+    """Truth and each attack's reconstruction of the ResNet cells' images, one row per (model, weights, image)."""
+    import numpy as np
+
+    from dlg_jax.results.plots import grid, show_image
+
+    rows = [(dataset, model, weights, images, iterations) for model, dataset, images, iterations, _, attacks in CELLS
+            if model.startswith("resnet") and set(MAIN) <= set(attacks) for weights in ("untrained", "trained")]
+    lines = [(d, m, w, i, it) for d, m, w, n, it in rows for i in range(n)
+             if (out / cell_folder(d, m, w, "ig", it) / "reconstructions" / f"{i}-0.npz").exists()]
+    if not lines:
+        return
+    fig, axes = grid(len(lines), 1 + len(MAIN), (1.6 * (1 + len(MAIN)), 1.7 * len(lines)))
+    for row, (dataset, model, weights, index, iterations) in enumerate(lines):
+        for column, attack in enumerate(("truth",) + MAIN):
+            file = out / cell_folder(dataset, model, weights, "ig" if attack == "truth" else attack, iterations)
+            file = file / "reconstructions" / f"{index}-0.npz"
+            ax = axes[row, column]
+            if not file.exists():
+                ax.axis("off")
+                continue
+            with np.load(file) as npz:
+                image = npz["truth"] / 255.0 if attack == "truth" else npz["reconstruction"]
+                truth = npz["truth"] / 255.0
+            show_image(ax, image)
+            psnr = 10 * np.log10(1 / max(np.mean((np.clip(image, 0, 1) - truth) ** 2), 1e-12))
+            title = f"{model} {weights[:2]} #{index}" if attack == "truth" else f"{attack} {psnr:.1f} dB"
+            ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -153,6 +185,7 @@ def main(argv=None) -> int:
         writer.writeheader()
         writer.writerows(summaries)
     (out / "inverting_gradients.csv").write_text(buffer.getvalue())
+    figure(out, out / "inverting_gradients.png")
     print(text)
     return 0
 
