@@ -30,6 +30,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from failure_modes import rows as read_rows  # noqa: E402  (a sibling script: experiments/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 DATASETS = {"cifar10": ("cifar10_train_0-199", 200), "cifar100": ("cifar100_train_0-49", 50)}
@@ -81,17 +83,8 @@ def cell_folder(dataset: str, model: str, weights: str, attack: str, iterations:
     return f"{dataset}-{model}-{weights}-{attack}-{iterations}"
 
 
-def read_rows(folder: Path) -> list[dict]:
-    found = {}
-    for file in sorted(folder.glob("results*.jsonl")):
-        for line in file.read_text().splitlines():
-            r = json.loads(line)
-            found[(r["index"], r["seed"])] = r
-    return list(found.values())
-
-
 def summarise(folder: Path, **cell) -> dict | None:
-    rows = read_rows(folder)
+    rows = read_rows(folder)  # failure_modes.rows: the rows of every process, the last of each (index, seed)
     if not rows:
         return None
     psnr = [r["psnr"] for r in rows]
