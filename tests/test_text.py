@@ -13,7 +13,7 @@ import pytest
 
 from dlg_jax.errors import UsageError
 from dlg_jax.models import get_model
-from dlg_jax.text import attacks, decode, leakage, metrics
+from dlg_jax.text import attacks, batch, decode, leakage, metrics
 from dlg_jax.text.client import text_client
 from dlg_jax.text.corpus import DEMO_SENTENCES, samples, sentences
 from dlg_jax.text.tokenizer import encode, get_tokenizer, mask_id
@@ -95,9 +95,72 @@ def test_rows_attack_recovers_sentences_token_for_token(name):
     np.testing.assert_array_equal(out.ids, ids)
 
 
+def cell_gradients(model, params, client):
+    """dL/dz of every cell (sentence, position) of the client's batch: the truth the batch reading recovers."""
+    emb = params["token_embedding"][client.inputs]
+    return np.asarray(jax.grad(lambda x: model.loss(model.apply(params, x), jnp.asarray(client.labels)))(emb))
+
+
+def test_each_cell_gradient_is_orthogonal_to_its_normalised_input_and_the_peel_finds_true_cells():
+    with jax.enable_x64(True):  # LayerNorm's backward pass: g . (z - mean z) = (v . (z - mean z)) eps / (var + eps) / s
+        model, params, ids, client = case("bert", 10, n=3, dtype=jnp.float64)
+        g = cell_gradients(model, params, client)
+        table, positions = np.asarray(params["token_embedding"]), np.asarray(params["position_embedding"])
+        cos = lambda y: np.abs(np.sum(g * y, -1)) / np.linalg.norm(g, axis=-1)  # noqa: E731
+        z = table[client.inputs] + positions[:10]
+        bound = 1e-6 / (z.var(-1) + 1e-6)  # flax's LayerNorm epsilon: the only reason it is not exactly 0
+        assert np.all(cos(batch.normalised(z)) <= bound) and cos(batch.normalised(z)).max() < 0.5 * batch.ORTHOGONAL
+        assert np.median(cos(batch.normalised(table[client.inputs] + positions[1:11]))) > 10 * batch.ORTHOGONAL
+    model, params, _, _ = case("bert", 10)
+    ids = np.random.default_rng(1).integers(3, SMALL, size=(3, 10))  # few repeats, as in prose
+    client = text_client(model, params, ids, mask_id(), 1)
+    g = cell_gradients(model, params, client)
+    cells, _, _ = batch.peel(client.grads, params, 3, 10)
+    assert len(cells) >= 20
+    true = 0
+    for c in cells:  # a peeled cell is a (token, position) of the batch, its gradient that cell's (~5% are not)
+        rows = np.flatnonzero(client.inputs[:, c.position] == c.token)
+        true += len(rows) == 1 and np.linalg.norm(g[rows[0], c.position] - c.gradient) < 1e-3 * np.linalg.norm(c.gradient)
+    assert true >= 0.9 * len(cells)
+
+
+def test_the_bias_gives_each_label_count_and_the_number_of_masked_cells():
+    model, params, ids, client = case("bert", 12, n=3)
+    labels, counts, total = batch.label_counts(client.grads)
+    masked = client.inputs == mask_id()
+    truth, truth_counts = np.unique(ids[masked], return_counts=True)
+    np.testing.assert_array_equal(labels, truth)
+    np.testing.assert_array_equal(counts, truth_counts)
+    assert total == masked.sum()
+
+
+def test_row_distance_sees_a_misplaced_token_that_the_plain_distance_hardly_sees():
+    model, params, ids, client = case("bert", 12, n=2, seed=3)
+    labels = np.where(client.inputs == mask_id(), ids, -1)
+    assert float(batch.row_distance(model, params, client.grads, client.inputs, labels)) < batch.EXACT
+    plain = np.flatnonzero((client.inputs[0] != mask_id()) & (client.inputs[0] != client.inputs[0][::-1]))
+    i, j = plain[0], plain[-1]
+    swapped = client.inputs.copy()
+    swapped[0, [i, j]] = swapped[0, [j, i]]
+    rows = float(batch.row_distance(model, params, client.grads, swapped, labels))
+    flat = float(attacks.relative_distance(model, params, client.grads, swapped, labels))
+    assert rows > 1e-3 and rows > 100 * flat  # the masked cells' gradients dominate the plain distance
+
+
+def test_rows_attack_reads_a_batch_of_sentences_exactly():
+    model, params, _, _ = case("bert", 10)
+    ids = np.random.default_rng(5).integers(3, 40, size=(3, 10))  # repeats within and across sentences
+    client = text_client(model, params, ids, mask_id(), 5)
+    out = attacks.run_attack(attacks.get_attack("rows"), model, params, client.grads, ids.shape, mask_id())
+    assert out.method == "rows-batch" and out.distance < batch.EXACT
+    verdict = metrics.judge(ids, out.ids, lambda row: " ".join(map(str, row)))
+    assert verdict["token_accuracy"] == 1.0
+    assert [name for name, _ in out.snapshots][0] == "cells (orthogonality)"
+
+
 def test_optimising_attacks_run_and_decode_within_the_bag():
     model, params, ids, client = case("bert", 8, n=2)
-    quick = dataclasses.replace(attacks.get_attack("rows"), iterations=20, swap_rounds=1, swap_proposals=8)
+    quick = dataclasses.replace(attacks.get_attack("lamp-cos"), iterations=20, swap_rounds=1, swap_proposals=8)
     out = attacks.run_attack(quick, model, params, client.grads, ids.shape, mask_id())
     assert out.method == "optimise+swaps" and out.ids.shape == ids.shape
     assert set(out.ids.ravel()) <= set(leakage.bag(client.grads)) | set(leakage.bias_labels(client.grads))

@@ -185,7 +185,7 @@ def markdown_table(snapshots, truth, method: str) -> str:
               if not label.isdigit() or int(label) in TABLE_ITERATIONS]
     if snapshots and chosen[-1][0] != snapshots[-1][0]:
         chosen.append(snapshots[-1])
-    header = row("iteration" if method != "rows" else "stage", [f"sentence {k + 1}" for k in range(len(truth))])
+    header = row("stage" if method.startswith("rows") else "iteration", [f"sentence {k + 1}" for k in range(len(truth))])
     lines = [header, "|" + "---|" * (len(truth) + 1)] + [row(label, texts) for label, texts in chosen]
     return "\n".join(lines + [row("truth", truth)])
 

@@ -9,8 +9,10 @@
 - `rows` (default): exact reading (dlg_jax.text.leakage): the bag from the nonzero token-embedding rows, the
   order from the position-embedding rows, the labels from the head's gradient; accepted when the recovered
   sentence's gradient matches the shared one (relative squared distance < 1e-6), else `lamp-cos` from there.
-  For a batch (N > 1) the position rows sum over sentences: `lamp-cos` is used directly. A tied head leaves no
-  bag (every row of E gets the head's gradient): the continuous attack alone, decoding over the vocabulary.
+  For a batch (N > 1) of a masked LM the position rows sum over sentences: `dlg_jax.text.batch` reads it cell
+  by cell instead (method `rows-batch`, exact when its row distance is < 1e-9, else the search's best). A causal
+  batch goes to `lamp-cos`. A tied head leaves no bag (every row of E gets the head's gradient): the continuous
+  attack alone, decoding over the vocabulary.
 
 The continuous dummies: embeddings (N, L, D) and label logits (N, L, V + 1), the last class meaning "no label"
 (the attacker does not know which positions a masked LM labelled). The continuous distance leaves out the
@@ -76,7 +78,7 @@ def get_attack(name: str) -> TextAttack:
 class Outcome(NamedTuple):
     ids: np.ndarray  # (N, L) recovered tokens
     snapshots: list  # [(label, (N, L) ids)]: iterations of the optimisation, or stages of the exact reading
-    method: str  # what produced ids: "rows", "optimise", "optimise+swaps"
+    method: str  # what produced ids: "rows", "rows-batch", "optimise", "optimise+swaps"
     distance: float  # relative squared gradient distance of the recovered sentence(s)
     evaluations: int
     seconds: float
@@ -343,6 +345,14 @@ def run_attack(attack: TextAttack, model, params, shared, shape, mask_id: int, s
             if d < ACCEPT:
                 return Outcome(assemble(inputs, labels, causal, mask_id), stages, "rows", d, 1,
                                time.perf_counter() - started - compile_seconds, compile_seconds)
+    if attack.method == "rows" and n > 1 and not causal and not model.text.tied and len(bag):
+        from dlg_jax.text.batch import read_batch
+
+        reading = read_batch(model, params, shared, shape, mask_id)
+        ids = assemble(reading.inputs, reading.labels, causal, mask_id)
+        stages = [(name, x.clip(0)) for name, x in reading.stages] + [("labels (head)", ids)]  # -1 (unread): [PAD]
+        return Outcome(ids, stages, "rows-batch", reading.distance, reading.evaluations,
+                       time.perf_counter() - started - reading.compile_seconds, reading.compile_seconds)
     inputs, labels, snapshots, evaluations, compile_seconds = optimise(
         attack, model, params, shared, shape, mask_id, seed, bag)
     if causal:  # the last input has no gradient: it is the label of the position before it
