@@ -199,6 +199,7 @@ def test_cli_text_writes_metrics_and_table(tmp_path):
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["token_accuracy"] == result["rouge2"] == 1.0 and len(result["batches"]) == 1
     assert "| truth | the value of the variable is printed. |" in (tmp_path / "out" / "table.md").read_text()
+    assert (tmp_path / "out" / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the same table as an image
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -4,7 +4,8 @@ With a text model and no text, the demo: the DLG paper's NeurIPS 2019 call-for-p
 (dlg_jax.text.corpus.DEMO_SENTENCES). Each sentence (or batch of --batch-size sentences, padded with [PAD] to
 the longest) is tokenized, the client's gradient computed, the text preset run (default `rows`); printed and
 written to --out: result.json (token_accuracy, rouge1, rouge2, rougeL: means over the sentences; per sentence
-and per snapshot) and table.md (the decoded text at the chosen iterations, as the paper's Table 2).
+and per snapshot), table.md and table.png (the decoded text at the chosen iterations, as the paper's Table 2; one
+table_K.png per batch when there are several).
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def _run(args, attack, sentences, encoded, out: Path) -> int:
 
     from dlg_jax.models import get_model
     from dlg_jax.results.files import dumps, write_atomic
+    from dlg_jax.results.plots import save_text_table
     from dlg_jax.text.attacks import run_attack
     from dlg_jax.text.client import text_client
     from dlg_jax.text.corpus import DEMO_NOTE, DEMO_SENTENCES
@@ -139,7 +141,7 @@ def _run(args, attack, sentences, encoded, out: Path) -> int:
     model = get_model(args.model, tok.get_vocab_size(), (MAX_LEN,))
     params = model.init(args.model_seed, jnp.float64 if args.precision == "float64" else jnp.float32)
     batch = max(1, args.batch_size)
-    results, tables = [], []
+    results, tables, figures = [], [], []
     for first in range(0, len(encoded), batch):
         group = encoded[first:first + batch]
         length = max(len(ids) for ids in group)
@@ -155,6 +157,7 @@ def _run(args, attack, sentences, encoded, out: Path) -> int:
                        seconds=outcome.seconds, compile_seconds=outcome.compile_seconds, snapshots=snapshots)
         results.append(verdict)
         tables.append(markdown_table(snapshots, [text(row) for row in ids], outcome.method))
+        figures.append(table_rows(snapshots, [text(row) for row in ids], outcome.method))
         for s in verdict["sentences"]:
             print(f"{outcome.method}: token accuracy {s['token_accuracy']:.3f}, ROUGE-1/2/L {s['rouge1']:.3f}/"
                   f"{s['rouge2']:.3f}/{s['rougeL']:.3f}: {s['recovered']!r}", flush=True)
@@ -168,6 +171,8 @@ def _run(args, attack, sentences, encoded, out: Path) -> int:
     if sentences == list(DEMO_SENTENCES):
         summary["demo_note"] = DEMO_NOTE
     write_atomic(out / "table.md", "\n\n".join(tables) + "\n")
+    for k, (header, rows) in enumerate(figures):  # the same tables as images
+        save_text_table(out / ("table.png" if len(figures) == 1 else f"table_{k + 1}.png"), header, rows)
     write_atomic(out / "result.json", dumps(summary, indent=2) + "\n")
     print(f"token accuracy {summary['token_accuracy']:.3f}, ROUGE-1/2/L {summary['rouge1']:.3f}/{summary['rouge2']:.3f}/"
           f"{summary['rougeL']:.3f} over {len(per_sentence)} sentence(s), {summary['seconds']:.2f} s + "
@@ -175,19 +180,24 @@ def _run(args, attack, sentences, encoded, out: Path) -> int:
     return 0
 
 
-def markdown_table(snapshots, truth, method: str) -> str:
-    """| iteration | sentence 1 | ... | with the chosen iterations (TABLE_ITERATIONS), every stage of an exact
-    reading, the final text and the truth."""
-    def row(label, texts):
-        return "| " + " | ".join([label] + [t.replace("|", "\\|") for t in texts]) + " |"
-
+def table_rows(snapshots, truth, method: str):
+    """(header, [(label, texts)]) of the paper's Table 2: the chosen iterations (TABLE_ITERATIONS) or every stage
+    of an exact reading, the final text and the truth."""
     chosen = [(label, texts) for label, texts in snapshots
               if not label.isdigit() or int(label) in TABLE_ITERATIONS]
     if snapshots and chosen[-1][0] != snapshots[-1][0]:
         chosen.append(snapshots[-1])
-    header = row("stage" if method.startswith("rows") else "iteration", [f"sentence {k + 1}" for k in range(len(truth))])
-    lines = [header, "|" + "---|" * (len(truth) + 1)] + [row(label, texts) for label, texts in chosen]
-    return "\n".join(lines + [row("truth", truth)])
+    header = ["stage" if method.startswith("rows") else "iteration"] + [f"sentence {k + 1}" for k in range(len(truth))]
+    return header, chosen + [("truth", truth)]
+
+
+def markdown_table(snapshots, truth, method: str) -> str:
+    """| iteration | sentence 1 | ... | (table_rows)."""
+    def row(cells):
+        return "| " + " | ".join(t.replace("|", "\\|") for t in cells) + " |"
+
+    header, rows = table_rows(snapshots, truth, method)
+    return "\n".join([row(header), "|" + "---|" * len(header)] + [row([label, *texts]) for label, texts in rows])
 
 
 if __name__ == "__main__":

@@ -110,3 +110,27 @@ def save_gif(path: Path, snapshots: Sequence[tuple[int, np.ndarray]], scale: int
     durations = [frame_ms] * (len(frames) - 1) + [frame_ms * 10]
     frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
     write_atomic(path, buffer.getvalue())
+
+
+def save_text_table(path: Path, header: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]],
+                    wrap: int = 56) -> None:
+    """The decoded text at chosen iterations or stages, as the DLG paper's Table 2: a row per snapshot (its
+    label on the left), a column per sentence, long text wrapped at `wrap` characters."""
+    import textwrap
+
+    wrapped = [[textwrap.fill(label, 22)] + [textwrap.fill(t, wrap) for t in texts] for label, texts in rows]
+    lines = [max(cell.count("\n") + 1 for cell in row) + 0.6 for row in wrapped]
+    units = [2.0] + [4.2] * (len(header) - 1)  # inches per column
+    heights = [1.6] + lines
+    fig = Figure(figsize=(sum(units), 0.17 * sum(heights) + 0.1))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.axis("off")
+    table = ax.table(cellText=wrapped, colLabels=list(header), loc="upper center", cellLoc="left",
+                     colWidths=[u / sum(units) for u in units])
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    for (r, c), cell in table.get_celld().items():
+        cell.set_height(heights[r] / sum(heights))
+        if r == 0 or c == 0:
+            cell.set_text_props(weight="bold")
+    save_figure(path, fig, dpi=150)
