@@ -215,3 +215,36 @@ def test_cli_text_writes_metrics_and_table(tmp_path):
 def test_cli_text_bad_input_is_one_line_and_exit_2(flags, message, tmp_path):
     r = run_cli(*flags, "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def run_sweep(*flags):
+    return subprocess.run([sys.executable, "-m", "dlg_jax.sweep", "--single-device", *flags],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_text_sweep_writes_a_row_per_task_resumes_and_summarises(tmp_path):
+    data = tmp_path / "s.txt"
+    data.write_text("The value of the variable is printed.\nA name refers to an object.\nNames are bound.\n")
+    out = tmp_path / "sweep"
+    r = run_sweep("--model", "gpt", "--data", str(data), "--indices", "0:2", "--seeds", "0,1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted((row["index"], row["seed"]) for row in rows) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(row["status"] == "rows" and row["token_accuracy"] == 1.0 for row in rows)
+    assert rows[0]["per_sentence"][0]["recovered"] in ("the value of the variable is printed.", "a name refers to an object.")
+    again = run_sweep("--model", "gpt", "--data", str(data), "--indices", "0:3", "--seeds", "0,1", "--out", str(out))
+    assert again.returncode == 0 and "resuming: 4 done, 2 to go" in again.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["attacks"] == 6 and summary["sentences"] == 6 and summary["share_99"] == 1.0
+    other = run_sweep("--model", "gpt", "--data", str(data), "--indices", "0:2", "--preset", "tag", "--out", str(out))
+    assert other.returncode == 2 and "another configuration" in other.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--processes", "2"], "image-sweep flag"),
+    (["--indices", "0:100000"], "only"),
+    (["--defense", "prune:0.1"], "image-sweep flag"),
+])
+def test_text_sweep_bad_input_is_one_line_and_exit_2(flags, message, tmp_path):
+    r = run_sweep("--model", "bert", *flags, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

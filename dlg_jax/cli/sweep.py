@@ -24,6 +24,10 @@ each strength (each combination, for several defenses) is a setting with its own
 DIR/prune=0.1, and all run in one compiled program, a task's strengths a per-lane value. Rows carry
 defense, defenses (name, strength) and epsilon (DP-SGD: RDP accountant, the run of --dp-steps/--dp-rate/
 --dp-delta); DIR/summary.md has one line per setting.
+
+With a text model (`--model bert`, gpt, ...) the sweep runs text attacks over sentences x seeds instead
+(dlg_jax/cli/text_sweep.py): `--indices` picks pydoc_data samples of `--length` tokens or the lines of
+`--data FILE.txt`; rows carry token accuracy and ROUGE.
 """
 
 from __future__ import annotations
@@ -83,7 +87,9 @@ def build_parser() -> ArgumentParser:
     sw.add_argument("--single-device", action="store_true",
                     help="on CPU, one JAX device for all cores (default: one device per core, lanes sharded over them)")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_attack_flags(p)
+    sw.add_argument("--length", type=positive_int, default=16,
+                    help="text models: tokens per pydoc_data sample when there is no --data FILE.txt (default 16)")
+    add_attack_flags(p, text=True)
     add_defense_flags(p, axis=True)
     return p
 
@@ -186,6 +192,13 @@ def _saved(args) -> int:
 def _main(args, argv, prog: str) -> int:
     if args.out == "":
         raise UsageError("--out: an empty path")
+    from dlg_jax.models import TEXT_MODELS
+    from dlg_jax.text.attacks import PRESETS as TEXT_PRESETS
+
+    if args.model in TEXT_MODELS or args.preset in TEXT_PRESETS:  # text attacks: a path of their own
+        from dlg_jax.cli.text_sweep import text_sweep
+
+        return text_sweep(args, prog)
     config, note = _config(args)
     defenses_from_args(args, args.batch_size, axis=True)
     if args.defenses and (args.processes > 1 or args.distributed or args.worker is not None):
