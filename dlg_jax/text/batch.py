@@ -47,6 +47,7 @@ EXACT = 1e-9  # row_distance below which a batch counts as the one shared (truth
 ORTHOGONAL = 1e-3  # |cos(g, y)| below which a cell's gradient is orthogonal to a token's normalised input
 EMPTY = 1e-4  # a residual row below this fraction of its start is used up
 WIDTH = 32  # candidate batches scored together
+FILLS = 3  # rounds of fill + search at most
 
 
 class Reading(NamedTuple):
@@ -244,7 +245,7 @@ def _programs(model, shape, mask_id: int):
 
         _PROGRAMS[key] = (jax.jit(jax.vmap(labelled_score, in_axes=(None, None, 0))),
                           jax.jit(lambda p, s, x: head_labels(model, p, s, x, x == mask_id)),
-                          jax.jit(cell_gradients), jax.jit(sentence_error))
+                          jax.jit(jax.vmap(cell_gradients, in_axes=(None, 0, None, None))), jax.jit(sentence_error))
     return _PROGRAMS[key]
 
 
@@ -325,39 +326,52 @@ def place_labels(sentence_error, params, items, inputs, found, targets, count, m
 
 def fill_by_least_squares(cell_gradients, params, inputs, labels, count, open_cells, tokens, rest, rounds: int = 3):
     """Give each open cell one of `tokens` so that each token's residual row rest[v] (its dE row less the
-    peeled cells) is the sum of the predicted gradients of the cells that hold it."""
+    peeled cells) is the sum of the predicted gradients of the cells that hold it. A cell's predicted gradient
+    is the model's with that very token in it (the LayerNorm's Jacobian at the cell depends on the token), the
+    rest of the batch as it stands; recomputed after each round."""
     x = inputs.copy()
     if not open_cells or not len(tokens):
         return x
     target = np.array([rest[v] for v in tokens])  # (K, D)
     index = {int(v): k for k, v in enumerate(tokens)}
+    cells = np.array(open_cells)
     for _ in range(rounds):
-        pred = np.asarray(cell_gradients(params, jnp.asarray(x), jnp.asarray(labels), count), np.float64)
+        trials = np.repeat(x[None], len(cells) * len(tokens), 0)  # every (cell, token) change of x
+        rows = np.repeat(np.arange(len(cells)), len(tokens))
+        trials[np.arange(len(trials)), cells[rows, 0], cells[rows, 1]] = np.tile(tokens, len(cells))
+        pred = np.empty((len(cells), len(tokens), target.shape[1]))
+        for start in range(0, len(trials), WIDTH):
+            block = trials[start:start + WIDTH]
+            grads = np.asarray(cell_gradients(params, jnp.asarray(block), jnp.asarray(labels), count), np.float64)
+            for j, t in enumerate(range(start, start + len(block))):
+                c = t // len(tokens)
+                pred[c, t % len(tokens)] = grads[j, cells[c, 0], cells[c, 1]]
+        held = np.array([index.get(int(x[s, i]), -1) for s, i in open_cells])
         sums = np.zeros_like(target)
-        for (s, i) in open_cells:
-            if int(x[s, i]) in index:
-                sums[index[int(x[s, i])]] += pred[s, i]
+        for c, k in enumerate(held):
+            if k >= 0:
+                sums[k] += pred[c, k]
         for _ in range(5):
             changed = False
-            for (s, i) in open_cells:
-                g = pred[s, i]
+            for c in range(len(cells)):
+                g, here = pred[c], held[c]
                 residual = target - sums
-                here = index.get(int(x[s, i]))
-                # the change in sum_v ||residual_v||^2 when the cell moves to token k
-                gain = -2 * residual @ g + g @ g
-                loss_here = 0.0 if here is None else 2 * residual[here] @ g + g @ g
-                delta = gain + loss_here
-                if here is not None:
+                # the change in sum_v ||residual_v||^2 when the cell moves from its token to token k
+                delta = -2 * np.sum(residual * g, 1) + np.sum(g * g, 1)
+                if here >= 0:
+                    delta += 2 * residual[here] @ g[here] + g[here] @ g[here]
                     delta[here] = 0.0
                 k = int(np.argmin(delta))
                 if delta[k] < -1e-30:
-                    if here is not None:
-                        sums[here] -= g
-                    sums[k] += g
-                    x[s, i] = tokens[k]
+                    if here >= 0:
+                        sums[here] -= g[here]
+                    sums[k] += g[k]
+                    held[c] = k
                     changed = True
             if not changed:
                 break
+        x[cells[:, 0], cells[:, 1]] = tokens[held.clip(0)] if np.all(held >= 0) else np.where(
+            held >= 0, tokens[held.clip(0)], x[cells[:, 0], cells[:, 1]])
     return x
 
 
@@ -421,13 +435,20 @@ def read_batch(model, params, shared, shape, mask_id: int) -> Reading:
     scorer = _Scorer(many, params, shared, inputs)
     compile_seconds = time.perf_counter() - t0
     stages.append(("masked cells (head)", np.where(found | (inputs == mask_id), inputs, -1)))
-    fixed = found | (inputs == mask_id)
-    open_cells = [(s, i) for s, i in zip(*np.nonzero(~fixed))]
-    labels = np.asarray(labels_of(params, shared, jnp.asarray(inputs)))
-    inputs = fill_by_least_squares(cell_gradients, params, inputs, labels, max(count, 1), open_cells, tokens, rest)
-    scorer.inputs, scorer.best = inputs, float(scorer(inputs[None])[0])
-    stages.append(("open cells (least squares)", inputs.copy()))
-    inputs = polish(scorer, fixed, tokens, bag)
+    for attempt in range(FILLS):  # the search may move a [MASK]; the fill is then redone around it
+        fixed = found | (inputs == mask_id)
+        open_cells = [(s, i) for s, i in zip(*np.nonzero(~fixed))]
+        labels = np.asarray(labels_of(params, shared, jnp.asarray(inputs)))
+        filled = fill_by_least_squares(cell_gradients, params, inputs, labels, max(count, 1), open_cells, tokens, rest)
+        value = float(scorer(filled[None])[0])
+        if attempt == 0 or value < scorer.best:
+            scorer.inputs, scorer.best = filled, value
+        if attempt == 0:
+            stages.append(("open cells (least squares)", filled.copy()))
+        before = scorer.inputs.copy()
+        inputs = polish(scorer, fixed, tokens, bag)
+        if scorer.best < EXACT or np.array_equal(before == mask_id, inputs == mask_id):
+            break
     labels = np.asarray(labels_of(params, shared, jnp.asarray(inputs)))
     stages.append(("search (row distance)", inputs.copy()))
     return Reading(inputs, labels, scorer.best, stages, scorer.evaluations, compile_seconds)
