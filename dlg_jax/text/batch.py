@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from dlg_jax.client import client_gradient
 from dlg_jax.text import leakage
 
 EXACT = 1e-9  # row_distance below which a batch counts as the one shared (truth: ~4e-14 in float32)
@@ -161,7 +162,8 @@ def label_columns(model, params, grads, context: np.ndarray, mask_id: int):
     length = context.shape[0]
     probes = np.repeat(context[None], length, 0)
     probes[np.arange(length), np.arange(length)] = mask_id
-    hidden = np.asarray(_hidden(model)(params, probes), np.float64)[np.arange(length), np.arange(length)]
+    hidden = np.asarray(leakage._hidden_program(model)(params, probes)[0], np.float64)
+    hidden = hidden[np.arange(length), np.arange(length)]  # probe i's state at its [MASK]
     head = np.asarray(grads["output_kernel"], np.float64)
     items = []
     for label, count in zip(labels, counts):
@@ -173,16 +175,6 @@ def label_columns(model, params, grads, context: np.ndarray, mask_id: int):
             chosen.append(int(np.argmax(fit)))
         items += [(int(label), i) for i in chosen]
     return items, total
-
-
-_HIDDEN: dict = {}
-
-
-def _hidden(model):
-    key = (model.name, model.num_classes, model.text.max_len)
-    if key not in _HIDDEN:
-        _HIDDEN[key] = jax.jit(lambda p, x: leakage._hidden_and_probs(model, p, x)[0])
-    return _HIDDEN[key]
 
 
 # -- the score
@@ -204,9 +196,9 @@ def row_distance(model, params, shared, inputs, labels) -> jax.Array:
     positions' rows of dP + sum ||g - s||^2 / sum ||s||^2 over the other parameters (module doc, 4)."""
     from dlg_jax.text.attacks import one_hot_labels
 
-    dtype = params["position_embedding"].dtype
     length = inputs.shape[1]
-    g = jax.grad(lambda p: model.loss(model.apply(p, inputs), one_hot_labels(labels, model.num_classes, dtype)))(params)
+    targets = one_hot_labels(labels, model.num_classes, params["position_embedding"].dtype)
+    g = client_gradient(model, params, inputs, targets)
 
     def row_error(a, b):
         return jnp.sum((a - b) ** 2, 1) / jnp.maximum(jnp.sum(b**2, 1), 1e-30)
@@ -339,13 +331,12 @@ def fill_by_least_squares(cell_gradients, params, inputs, labels, count, open_ce
         trials = np.repeat(x[None], len(cells) * len(tokens), 0)  # every (cell, token) change of x
         rows = np.repeat(np.arange(len(cells)), len(tokens))
         trials[np.arange(len(trials)), cells[rows, 0], cells[rows, 1]] = np.tile(tokens, len(cells))
-        pred = np.empty((len(cells), len(tokens), target.shape[1]))
+        pred = np.empty((len(trials), target.shape[1]))  # each trial's gradient at the cell it changed
         for start in range(0, len(trials), WIDTH):
-            block = trials[start:start + WIDTH]
+            block, at = trials[start:start + WIDTH], cells[rows[start:start + WIDTH]]
             grads = np.asarray(cell_gradients(params, jnp.asarray(block), jnp.asarray(labels), count), np.float64)
-            for j, t in enumerate(range(start, start + len(block))):
-                c = t // len(tokens)
-                pred[c, t % len(tokens)] = grads[j, cells[c, 0], cells[c, 1]]
+            pred[start:start + len(block)] = grads[np.arange(len(block)), at[:, 0], at[:, 1]]
+        pred = pred.reshape(len(cells), len(tokens), -1)
         held = np.array([index.get(int(x[s, i]), -1) for s, i in open_cells])
         sums = np.zeros_like(target)
         for c, k in enumerate(held):
@@ -370,8 +361,7 @@ def fill_by_least_squares(cell_gradients, params, inputs, labels, count, open_ce
                     changed = True
             if not changed:
                 break
-        x[cells[:, 0], cells[:, 1]] = tokens[held.clip(0)] if np.all(held >= 0) else np.where(
-            held >= 0, tokens[held.clip(0)], x[cells[:, 0], cells[:, 1]])
+        x[cells[:, 0], cells[:, 1]] = np.where(held >= 0, tokens[held.clip(0)], x[cells[:, 0], cells[:, 1]])
     return x
 
 
