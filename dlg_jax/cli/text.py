@@ -56,6 +56,21 @@ def text_attack(args):
     return dataclasses.replace(attack, **changes)
 
 
+def read_text_file(path: Path) -> tuple[list[str], bytes]:
+    """The non-empty lines (stripped) of a .txt file of sentences, one a line, and the file's bytes."""
+    if path.suffix.lower() != ".txt":
+        raise UsageError(f"--data {path}: a text model reads a .txt file, one sentence a line")
+    try:
+        raw = path.read_bytes()
+        lines = [line.strip() for line in raw.decode("utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"--data {path}: {getattr(error, 'strerror', None) or error}") from None
+    lines = [line for line in lines if line]
+    if not lines:
+        raise UsageError(f"--data {path}: no sentences (one a line)")
+    return lines, raw
+
+
 def read_sentences(args) -> list[str]:
     from dlg_jax.ranges import parse_range
     from dlg_jax.text.corpus import DEMO_SENTENCES
@@ -69,15 +84,7 @@ def read_sentences(args) -> list[str]:
     if not args.data:
         return list(DEMO_SENTENCES)
     path = Path(args.data)
-    if path.suffix.lower() != ".txt":
-        raise UsageError(f"--data {path}: a text model reads a .txt file, one sentence a line")
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"--data {path}: {getattr(error, 'strerror', None) or error}") from None
-    lines = [line for line in lines if line]
-    if not lines:
-        raise UsageError(f"--data {path}: no sentences (one a line)")
+    lines, _ = read_text_file(path)
     if args.indices is not None:
         wanted = parse_range(args.indices)
         bad = [i for i in wanted if not 0 <= i < len(lines)]

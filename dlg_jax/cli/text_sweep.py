@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -31,19 +30,10 @@ METRICS = ("token_accuracy", "bag_precision", "bag_recall", "rouge1", "rouge2", 
 
 def _sentences(args) -> tuple[list[list[int]], dict]:
     """The token ids of every sentence the sweep may attack, and the source's identity."""
-    from dlg_jax.cli.text import encode_all
+    from dlg_jax.cli.text import encode_all, read_text_file
 
     if args.data:
-        path = Path(args.data)
-        if path.suffix.lower() != ".txt":
-            raise UsageError(f"--data {path}: a text model reads a .txt file, one sentence a line")
-        try:
-            raw = path.read_bytes()
-            lines = [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as error:
-            raise UsageError(f"--data {path}: {getattr(error, 'strerror', None) or error}") from None
-        if not lines:
-            raise UsageError(f"--data {path}: no sentences (one a line)")
+        lines, raw = read_text_file(Path(args.data))
         return encode_all(lines), dict(source="txt", sha256=hashlib.sha256(raw).hexdigest(), lines=len(lines))
     from dlg_jax.ranges import parse_range
     from dlg_jax.text.corpus import samples
@@ -98,9 +88,9 @@ def text_sweep(args, prog: str) -> int:
         model = get_model(args.model, get_tokenizer().get_vocab_size(), (64,))
         params = model.init(args.model_seed, jnp.float64 if precision == "float64" else jnp.float32)
         for count, (first, seed) in enumerate(pending, 1):
-            results.append([attack_row(model, params, attack, pool, members[first], first, seed)], {})
+            row = attack_row(model, params, attack, pool, members[first], first, seed)
+            results.append([row], {})
             if not args.quiet:
-                row = results.rows()[-1]
                 print(f"{prog}: {len(done) + count}/{len(done) + len(pending)} sentence {first} seed {seed}: "
                       f"{row['status']}, token accuracy {row['token_accuracy']:.3f}, ROUGE-1 {row['rouge1']:.3f} "
                       f"({row['seconds']:.1f} s)", flush=True)
@@ -147,10 +137,6 @@ def summarise(rows: list[dict]) -> dict:
                median_seconds=float(np.median(seconds)) if seconds else 0.0,
                attacks_per_hour=3600.0 * len(rows) / sum(seconds) if seconds and sum(seconds) > 0 else 0.0,
                methods={m: sum(r["status"] == m for r in rows) for m in sorted({r["status"] for r in rows})})
-    for key in METRICS:
-        values = [r[key] for r in rows]
-        out[key] = float(np.mean(values)) if values else 0.0
-    for key in ("token_accuracy", "rouge1", "rouge2"):
-        if sentences:
-            out[key] = float(np.mean([s[key] for s in sentences]))
-    return json.loads(json.dumps(out))
+    for key in METRICS:  # a row holds its batch's means, and every batch has --batch-size sentences
+        out[key] = float(np.mean([r[key] for r in rows])) if rows else 0.0
+    return out
