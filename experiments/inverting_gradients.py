@@ -122,6 +122,8 @@ def figure(out: Path, path: Path) -> None:
     """Truth and each attack's reconstruction of the ResNet cells' images, one row per (model, weights, image)."""
     import numpy as np
 
+    from dlg_jax.results.files import save_figure
+    from dlg_jax.results.metrics import matched_psnr
     from dlg_jax.results.plots import grid, show_image
 
     rows = [(dataset, model, weights, images, iterations) for model, dataset, images, iterations, _, attacks in CELLS
@@ -143,11 +145,11 @@ def figure(out: Path, path: Path) -> None:
                 image = npz["truth"] / 255.0 if attack == "truth" else npz["reconstruction"]
                 truth = npz["truth"] / 255.0
             show_image(ax, image)
-            psnr = 10 * np.log10(1 / max(np.mean((np.clip(image, 0, 1) - truth) ** 2), 1e-12))
+            psnr = matched_psnr(truth[None], image[None])
             title = f"{model} {weights[:2]} #{index}" if attack == "truth" else f"{attack} {psnr:.1f} dB"
             ax.set_title(title, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(path, fig, dpi=110)
 
 
 def main(argv=None) -> int:
