@@ -123,12 +123,17 @@ class AttackResult:
 def attack(data, labels=None, *, index: int | Sequence[int] | None = None, seed: int = 1234,
            preset: str | None = None, model: str = "lenet", model_seed: int = 1234, snapshot_every: int = 10,
            label_names: Sequence[str] | None = None, num_classes: int | None = None, checkpoint: str | None = None,
+           defenses: Sequence[str] = (), dp_clip: float = 1.0, dp_steps: int = 1000, dp_rate: float = 0.01,
+           dp_delta: float = 1e-5, fedavg_lr: float = 0.01, fedavg_batch: int | None = None,
            **overrides) -> AttackResult:
     """Attack the gradient a client shares for private images, as `python -m dlg_jax.run` does.
 
     `data`: a `Dataset` (then `index`: one index or a batch's indices) or images (see `as_dataset`); labels
     -1 or None: the model's own prediction; `checkpoint`: the model's weights from that file (dlg_jax.train's)
-    instead of `model_seed`. Returns an `AttackResult`."""
+    instead of `model_seed`; `defenses`: the client's, as `--defense` specs applied in order (one strength
+    each), with `dp_*` and `fedavg_*` as the CLI's flags (the result's `metrics` carry them, and epsilon).
+    Returns an `AttackResult`."""
+    from dlg_jax.cli.common import defense_record, local_training
     from dlg_jax.engine.attack import make_case, precision_scope
     from dlg_jax.engine.single import attack_one
     from dlg_jax.results.judge import judge
@@ -138,8 +143,12 @@ def attack(data, labels=None, *, index: int | Sequence[int] | None = None, seed:
     positions = list(range(len(dataset))) if index is None else list(np.atleast_1d(index).astype(int))
     dataset.check_indices(positions)
     cfg = make_config(preset, len(positions), **overrides)
+    flags = _defense_flags(defenses, len(positions), axis=False, dp_clip=dp_clip, dp_steps=dp_steps, dp_rate=dp_rate,
+                           dp_delta=dp_delta, fedavg_lr=fedavg_lr, fedavg_batch=fedavg_batch)
+    chosen = [(d.name, d.strengths[0]) for d in flags.defenses]
     with precision_scope(cfg):
-        case = make_case(model, dataset.num_classes, dataset.image_shape, model_seed, cfg.dtype, checkpoint=checkpoint)
+        case = make_case(model, dataset.num_classes, dataset.image_shape, model_seed, cfg.dtype, checkpoint=checkpoint,
+                         defenses=chosen, dp_clip=dp_clip, local=local_training(flags))
     outcome, trace = attack_one(case, cfg, dataset.images[positions], dataset.labels[positions], seed,
                                 snapshot_every=snapshot_every)
     truth = dataset.images[positions] / 255.0
@@ -147,8 +156,21 @@ def attack(data, labels=None, *, index: int | Sequence[int] | None = None, seed:
                            dataset.label_names)
     metrics.update(outcome.result(), **trace.result())
     metrics.update(seed=seed, model=model, model_seed=model_seed, checkpoint=checkpoint, config=cfg.to_dict())
+    if chosen:
+        metrics.update(defense_record(flags, [n for n, _ in chosen], [v for _, v in chosen]))
     return AttackResult(np.clip(outcome.reconstruction[order], 0.0, 1.0), truth, metrics, metrics["trace"],
                         [(step, images[order]) for step, images in trace.snapshots])
+
+
+def _defense_flags(specs: Sequence[str], batch_size: int, axis: bool, **options):
+    """The CLI's defense flags from keyword arguments, parsed and checked as the CLI checks them (`.defenses`)."""
+    import types
+
+    from dlg_jax.cli.common import defenses_from_args
+
+    flags = types.SimpleNamespace(defense=list(specs), **options)
+    defenses_from_args(flags, batch_size, axis=axis)
+    return flags
 
 
 @dataclasses.dataclass
@@ -192,7 +214,8 @@ def run_sweep(data, labels=None, *, indices: Iterable[int] | None = None, seeds:
           progress: bool = True, preset: str | None = None, model: str = "lenet", model_seed: int = 1234,
           label_names: Sequence[str] | None = None, num_classes: int | None = None, checkpoint: str | None = None,
           defenses: Sequence[str] = (), dp_clip: float = 1.0, dp_steps: int = 1000, dp_rate: float = 0.01,
-          dp_delta: float = 1e-5, **overrides) -> SweepResult:
+          dp_delta: float = 1e-5, fedavg_lr: float = 0.01, fedavg_batch: int | None = None,
+          **overrides) -> SweepResult:
     """Many attacks (every index x seed; consecutive `batch_size` indices per gradient) in one compiled program,
     sharded over all local devices, as `python -m dlg_jax.sweep` runs them.
 
@@ -200,17 +223,15 @@ def run_sweep(data, labels=None, *, indices: Iterable[int] | None = None, seeds:
     configuration there is refused) and the summary files are written at the end; without it they stay in
     memory. `defenses`: the client's, as `--defense` specs (`["prune:0.01,0.1"]`: a list of strengths is an axis,
     every setting in the same compiled program; rows carry `defense`, and with `out` each setting has its own
-    `out/<setting>/`); `dp_*` as the CLI's `--dp-*`; `adaptive=True` (an override) models them. With defenses the
+    `out/<setting>/`); `dp_*`, `fedavg_*` as the CLI's `--dp-*`, `--fedavg-*`; `adaptive=True` (an override) models them. With defenses the
     summary is a dict setting -> summary. Returns a `SweepResult`."""
-    import types
-
     import jax
 
     from dlg_jax.cli import sweep as cli
     from dlg_jax.engine.attack import make_case, precision_scope
     from dlg_jax.engine.scheduler import Sweep
     from dlg_jax.results import report
-    from dlg_jax.cli.common import defenses_from_args
+    from dlg_jax.cli.common import local_training
     from dlg_jax.results.files import dumps, write_atomic
     from dlg_jax.results.store import ResultsDir
 
@@ -220,12 +241,13 @@ def run_sweep(data, labels=None, *, indices: Iterable[int] | None = None, seeds:
     seeds = [int(s) for s in seeds]
     dataset.check_indices(indices)
     cfg = make_config(preset, batch_size, **overrides)
-    flags = types.SimpleNamespace(defense=list(defenses), dp_clip=dp_clip, dp_steps=dp_steps, dp_rate=dp_rate,
-                                  dp_delta=dp_delta)
-    parsed = defenses_from_args(flags, batch_size, axis=True)
+    flags = _defense_flags(defenses, batch_size, axis=True, dp_clip=dp_clip, dp_steps=dp_steps, dp_rate=dp_rate,
+                           dp_delta=dp_delta, fedavg_lr=fedavg_lr, fedavg_batch=fedavg_batch)
+    parsed = flags.defenses
     with precision_scope(cfg):
         case = make_case(model, dataset.num_classes, dataset.image_shape, model_seed, cfg.dtype, checkpoint=checkpoint,
-                         defenses=[(d.name, d.strengths[0]) for d in parsed], dp_clip=dp_clip)
+                         defenses=[(d.name, d.strengths[0]) for d in parsed], dp_clip=dp_clip,
+                         local=local_training(flags))
     runner = Sweep(case, cfg, restarts=restarts, batch_size=batch_size)
     identity = cli.sweep_identity(dataset.source, dataset, cfg, model, model_seed, restarts, batch_size,
                                   len(jax.local_devices()), checkpoint)

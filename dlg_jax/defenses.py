@@ -25,6 +25,13 @@ The kinds (strength in brackets):
   gradient, so it comes first in a chain. Adaptive: the attacker clips its dummy's per-example gradients to
   the same C (it knows C and N) and stops at the noise floor (z C / N)^2 per entry. Its (epsilon, delta) for a
   stated training run comes from dp-accounting's RDP accountant (`epsilon`).
+- `fedavg` [local steps k, an integer in [1, 1000]]: federated averaging's client (McMahan et al., 2017; the
+  local-updates case of breaching): k SGD steps of learning rate lr on local batches of B of its N examples,
+  in order (step i on batch i mod N/B), sharing the weight difference in gradient units,
+  (w_0 - w_k) / (k lr), the mean gradient along the way (k = 1: the gradient itself). It replaces the
+  client's gradient, so it comes first. Adaptive: the attacker, who knows k, lr and B (the protocol's),
+  runs the same k steps on its dummy and differentiates through them; the naive attacker matches one gradient.
+  The steps are unrolled to a static `max_steps` and masked beyond k, so k may be a per-lane value.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ class Kind(NamedTuple):
     open_low: bool = False
     open_high: bool = False
     strength: bool = True  # False: the kind takes no strength (casts, int8)
+    integer: bool = False  # the strength is a count (fedavg's local steps)
+    replaces: bool = False  # it replaces the client's gradient (`client_update`), so it comes first in a chain
 
 
 def _each(f: Callable, *trees):
@@ -112,8 +121,47 @@ KINDS: dict[str, Kind] = {
     "prune": Kind(0.0, 1.0, prune, lambda d, s: _each(lambda a, b: jnp.where(b != 0, a, 0), d, s), open_high=True),
     # the clipped, noised gradient is the client's own (`dp_gradient`); nothing is left to do after it
     "dp": Kind(0.0, 1000.0, lambda key, g, s: g, floor=lambda z, parameters, batch: (z / batch) ** 2 * parameters,
-               open_low=True),
+               open_low=True, replaces=True),
+    # the local steps are the client's own update (`local_update`)
+    "fedavg": Kind(1.0, 1000.0, lambda key, g, s: g, integer=True, replaces=True),
 }
+
+
+# ---- federated averaging's client: local steps, the weight difference shared
+
+class LocalTraining(NamedTuple):
+    """What a FedAvg client does besides its number of steps (the protocol's, known to the server): the
+    learning rate, the local batch (None: all N examples at every step) and how far the steps are unrolled."""
+
+    learning_rate: float = 0.01
+    batch: int | None = None
+    max_steps: int = 1  # the largest k of the run or sweep (static: reverse mode needs a fixed unroll)
+
+
+def local_update(model, params, inputs, soft_labels, steps, local: LocalTraining):
+    """(w_0 - w_k) / (k lr) after k = `steps` SGD steps w <- w - lr dL(batch_i)/dw, batch i = examples
+    [i B, (i + 1) B) mod N in order. `steps` may be traced (steps beyond it are masked out of a fixed unroll of
+    `local.max_steps`); differentiable in `inputs` (the adaptive attacker's dummy goes through the same steps)."""
+    from dlg_jax.client import client_gradient
+
+    n = inputs.shape[0]
+    size = n if local.batch is None else local.batch
+    if n % size:
+        raise UsageError(f"--fedavg-batch {size}: must divide the client's {n} example(s)")
+    blocks = n // size
+    lr = jnp.asarray(local.learning_rate, inputs.dtype)
+    steps = jnp.asarray(steps, inputs.dtype)
+
+    def step(weights, i):
+        start = (i % blocks) * size
+        x = jax.lax.dynamic_slice_in_dim(inputs, start, size)
+        y = jax.lax.dynamic_slice_in_dim(soft_labels, start, size)
+        g = client_gradient(model, weights, x, y)
+        on = i.astype(inputs.dtype) < steps
+        return _each(lambda w, d: jnp.where(on, w - lr * d, w), weights, g), None
+
+    final, _ = jax.lax.scan(step, params, jnp.arange(max(1, local.max_steps)))
+    return _each(lambda w0, w: (w0 - w) / (steps * lr), params, final)
 
 
 # ---- DP-SGD's gradient (jax-privacy) and its accountant (dp-accounting)
@@ -202,25 +250,32 @@ def parse(spec: str) -> Defense:
         if not (low_ok and high_ok and math.isfinite(value)):
             raise UsageError(f"--defense {spec!r}: {name}'s strength must lie in {'(' if kind.open_low else '['}"
                              f"{kind.low:g}, {kind.high:g}{')' if kind.open_high else ']'}, got {item}")
+        if kind.integer and value != int(value):
+            raise UsageError(f"--defense {spec!r}: {name}'s strength is a count, got {item}")
         values.append(value)
     return Defense(name, tuple(values))
 
 
 def check_chain(names: Sequence[str]) -> None:
-    if "dp" in names[1:]:
-        raise UsageError("--defense dp replaces the client's gradient: give it first")
-    if names.count("dp") > 1:
-        raise UsageError("--defense dp: once")
+    for name in names[1:]:
+        if KINDS[name].replaces:
+            raise UsageError(f"--defense {name} replaces the client's gradient: give it first, and only one such")
+    if names and names.count(names[0]) > 1 and KINDS[names[0]].replaces:
+        raise UsageError(f"--defense {names[0]}: once")
 
 
-def share(model, params, inputs, soft_labels, names: Sequence[str], strengths, key, clip: float = 1.0) -> Params:
-    """What a defended client shares: its gradient (DP-SGD's, when `dp` leads), then each defense in order, each
-    with a key of its own. `strengths`: an array (len(names),), traced or not."""
+def share(model, params, inputs, soft_labels, names: Sequence[str], strengths, key, clip: float = 1.0,
+          local: LocalTraining = LocalTraining()) -> Params:
+    """What a defended client shares: its gradient (DP-SGD's when `dp` leads, FedAvg's update when `fedavg`
+    does), then each defense in order, each with a key of its own. `strengths`: an array (len(names),), traced
+    or not."""
     from dlg_jax.client import client_gradient
 
     keys = jax.random.split(key, len(names) + 1)
     if names and names[0] == "dp":
         grads = dp_gradient(model, params, inputs, soft_labels, keys[-1], strengths[0], clip)
+    elif names and names[0] == "fedavg":
+        grads = local_update(model, params, inputs, soft_labels, strengths[0], local)
     else:
         grads = client_gradient(model, params, inputs, soft_labels)
     for i, name in enumerate(names):

@@ -4,6 +4,7 @@ each defense, for the paper's attack (naive) and an adaptive one.
     python experiments/defenses.py                    # the full study: 50 images (resumable)
     python experiments/defenses.py --images 10        # what was run for the committed table (2-core CPU)
     python experiments/defenses.py --report-only      # rewrite the table and plots from the runs on disk
+    python experiments/defenses.py --images 5 --only fedavg --name defenses_fedavg   # FedAvg alone (its own files)
 
 Each defense kind is one `python -m dlg_jax.sweep --defense KIND:S1,S2,...` command: one compiled program in
 which every strength is a per-lane value, each strength's rows in RUNS/<attack>/<kind>/<kind>=S (resumable
@@ -44,15 +45,19 @@ STUDY = [
     ("fp16", ""), ("bf16", ""), ("int8", ""),
     ("dp", "1e-4,1e-3,1e-2,0.1,1"),  # noise multiplier z; C = DP_CLIP below
     ("laplace", "1e-5,1e-4,1e-3,1e-2,1e-1"),
+    ("fedavg", "1,2,5,10"),  # local SGD steps k at learning rate FEDAVG_LR, the weight difference shared
 ]
 DP_CLIP = 10.0  # below every image's gradient norm (23-30): every example is clipped
 DP_RUN = ("--dp-steps", "1000", "--dp-rate", "0.01", "--dp-delta", "1e-5")  # 10 epochs of 50,000 at batch 500
+# At 0.01 ten local steps turn the shared update away from the gradient (cosine 0.86, norm 0.40x on image 0);
+# at 0.1 the first step already fits the one image (the update is g / k, cosine 1.000).
+FEDAVG_LR = 0.01
 ATTACKS = {"naive": [], "adaptive": ["--preset", "idlg", "--adaptive"]}
 
 
 def command(kind: str, strengths: str, attack: str, images: int, runs: Path) -> list[str]:
     spec = f"{kind}:{strengths}" if strengths else kind
-    extra = ["--dp-clip", str(DP_CLIP), *DP_RUN] if kind == "dp" else []
+    extra = {"dp": ["--dp-clip", str(DP_CLIP), *DP_RUN], "fedavg": ["--fedavg-lr", str(FEDAVG_LR)]}.get(kind, [])
     return [sys.executable, "-m", "dlg_jax.sweep", "--data", str(DATA), "--indices", f"0:{images}", "--defense", spec,
             *extra, *ATTACKS[attack], "--single-device", "--lanes", "8", "--quiet", "--out", str(runs / attack / kind)]
 
@@ -107,7 +112,8 @@ def table(entries: list[dict], images: int, argv: str) -> str:
              f"{attacks / max(seconds, 1e-9) * 3600:.0f} attacks/hour.", "",
              "naive: the paper's attack (joint labels, L2, L-BFGS, 300 steps); adaptive: iDLG labels and `--adaptive` "
              f"(pruning: only shared entries matched; casts/int8: the dummy rounded alike; dp: dummy clipped to C = "
-             f"{DP_CLIP:g}; noise and dp: stop at the noise floor less what the dummy can fit, floor (1 - d/P)). Success: PSNR >= {SUCCESS_DB:.0f} dB. DP-SGD's epsilon "
+             f"{DP_CLIP:g}; noise and dp: stop at the noise floor less what the dummy can fit, floor (1 - d/P); fedavg: the "
+             f"dummy through the same k local steps at lr {FEDAVG_LR:g}, differentiated through). Success: PSNR >= {SUCCESS_DB:.0f} dB. DP-SGD's epsilon "
              "(RDP, dp-accounting) is for 1000 steps at sampling rate 0.01, delta 1e-5.", "",
              "| defense | strength | epsilon | attack | images | success | median PSNR | quartiles | mean PSNR |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -126,8 +132,12 @@ def plot(entries: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("noise variance", ("gauss", "laplace"), "log"), ("pruned fraction", ("prune",), "linear"),
-              ("DP-SGD noise multiplier z (C = %g)" % DP_CLIP, ("dp",), "log"), ("precision", ("fp16", "bf16", "int8"), None)]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+              ("DP-SGD noise multiplier z (C = %g)" % DP_CLIP, ("dp",), "log"), ("precision", ("fp16", "bf16", "int8"), None),
+              ("FedAvg local steps (lr %g)" % FEDAVG_LR, ("fedavg",), "log")]
+    present = {e["kind"] for e in entries}
+    panels = [panel for panel in panels if present & set(panel[1])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.2), squeeze=False)
+    axes = axes[0]
     base = {e["attack"]: e["median"] for e in entries if e["kind"] == "none"}
     for ax, (title, kinds, scale) in zip(axes, panels):
         for attack, style in (("naive", "-"), ("adaptive", "--")):
@@ -187,22 +197,25 @@ def main() -> None:
     p.add_argument("--runs", default=str(ROOT / "runs" / "defenses"), help="sweep directories (default runs/defenses)")
     p.add_argument("--only", default=None, help="comma-separated kinds to run (default all; 'none' is the baseline)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the table and plots")
+    p.add_argument("--name", default="defenses", help="the result files' name in experiments/results (default defenses)")
     args = p.parse_args()
     runs = Path(args.runs)
     if not args.report_only:
         run_all(args.images, runs, set(args.only.split(",")) if args.only else None)
     entries = collect(runs)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    argv = f"--images {args.images}"
-    (RESULTS / "defenses.md").write_text(table(entries, args.images, argv))
-    with open(RESULTS / "defenses.csv", "w", newline="") as f:
+    argv = f"--images {args.images}" + (f" --only {args.only}" if args.only else "") + (
+        f" --name {args.name}" if args.name != "defenses" else "")
+    name = args.name
+    (RESULTS / f"{name}.md").write_text(table(entries, args.images, argv))
+    with open(RESULTS / f"{name}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, [k for k in entries[0] if k != "dir"] if entries else ["kind"])
         writer.writeheader()
         for e in entries:
             writer.writerow({k: v for k, v in e.items() if k != "dir"})
-    plot(entries, RESULTS / "defenses.png")
-    grid(entries, RESULTS / "defenses_grid.png")
-    print((RESULTS / "defenses.md").read_text())
+    plot(entries, RESULTS / f"{name}.png")
+    grid(entries, RESULTS / f"{name}_grid.png")
+    print((RESULTS / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -261,3 +261,116 @@ def test_the_adaptive_target_is_the_noise_left_after_the_dummy_fits_what_it_can(
         d = problem.init.size  # 64 pixels + 4 label logits
         expected = 1e-7 * energy + (1e-3 * (parameters - d) if adaptive else 0.0)
         assert float(problem.target) == pytest.approx(expected, rel=1e-5)
+
+
+# ---- federated averaging: local steps, the weight difference shared
+
+
+@jax.enable_x64(True)
+def test_one_local_step_shares_the_gradient_itself():
+    """(w0 - (w0 - lr g)) / lr = g (float64: in float32 the difference of nearby weights keeps ~3 digits)."""
+    case = tiny_case(dtype=jnp.float64)
+    pixels = jnp.asarray(_tiny_setup()[1][:2], jnp.float64) / 255.0
+    soft = jax.nn.one_hot(jnp.array([0, 2]), case.model.num_classes, dtype=jnp.float64)
+    update = D.local_update(case.model, case.params, pixels, soft, 1, D.LocalTraining(learning_rate=0.1))
+    plain = client_gradient(case.model, case.params, pixels, soft)
+    for u, g in zip(jax.tree.leaves(update), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(u, g, rtol=1e-10, atol=1e-13)
+
+
+@jax.enable_x64(True)
+def test_local_steps_match_a_direct_loop_and_are_masked_beyond_k():
+    """k = 3 steps of SGD on local batches of one (examples 0, 1, 0), shared as (w0 - w3) / (3 lr); unrolled to 3
+    or to 6 with the last 3 masked, the same; k may be traced."""
+    case = tiny_case(dtype=jnp.float64)
+    pixels = jnp.asarray(_tiny_setup()[1][:2], jnp.float64) / 255.0
+    soft = jax.nn.one_hot(jnp.array([0, 2]), case.model.num_classes, dtype=jnp.float64)
+    lr, w = 0.05, case.params
+    for i in (0, 1, 0):
+        w = jax.tree.map(lambda a, g: a - lr * g, w, client_gradient(case.model, w, pixels[i:i + 1], soft[i:i + 1]))
+    direct = jax.tree.map(lambda a, b: (a - b) / (3 * lr), case.params, w)
+    for unroll in (3, 6):
+        local = D.LocalTraining(learning_rate=lr, batch=1, max_steps=unroll)
+        traced = jax.jit(lambda k: D.local_update(case.model, case.params, pixels, soft, k, local))(jnp.float64(3))
+        for u, d in zip(jax.tree.leaves(traced), jax.tree.leaves(direct)):
+            np.testing.assert_allclose(u, d, rtol=1e-9, atol=1e-12)
+    one_step = D.local_update(case.model, case.params, pixels, soft, 1, D.LocalTraining(lr, 1, 6))
+    assert not np.allclose(jax.tree.leaves(one_step)[0], jax.tree.leaves(direct)[0])
+
+
+def test_the_adaptive_attacker_differentiates_through_the_local_steps():
+    """Under fedavg:4 the adaptive objective is zero at the truth (the dummy runs the same four steps) and has a
+    gradient there of zero; the naive one (one gradient against the mean of four) is not zero."""
+    from dlg_jax.engine.attack import make_attack, make_problem
+
+    config, images, labels = _tiny_setup()
+    config = config.override(labels="idlg", precision="float32")
+    case = tiny_case()._replace(defenses=("fedavg",), strengths=(4.0,),
+                                local=D.LocalTraining(learning_rate=0.5, max_steps=4))
+    pixels = jnp.asarray(images[:1], jnp.float32) / 255.0
+    values = {}
+    for adaptive in (False, True):
+        attack = make_attack(case, config.override(adaptive=adaptive))
+        problem = make_problem(attack, pixels, jnp.asarray(labels[:1]), 0)
+        z = attack.layout.ravel(dict(inputs=pixels))
+        values[adaptive], grad = jax.value_and_grad(attack.objective)(z, 0.0, problem, case.params)
+        if adaptive:
+            assert float(jnp.max(jnp.abs(grad))) == 0.0
+    assert float(values[True]) == 0.0 and float(values[False]) > 1e-6
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--defense", "fedavg:1.5"], "a count"), (["--defense", "fedavg:0"], "[1, 1000]"),
+    (["--defense", "prune:0.1", "--defense", "fedavg:2"], "first"),
+    (["--defense", "fedavg:2", "--fedavg-lr", "0"], "--fedavg-lr"),
+    (["--defense", "fedavg:2", "--fedavg-batch", "2"], "divide")])
+def test_bad_fedavg_flags_are_one_line_and_exit_2(flags, fragment, capsys, tmp_path):
+    from dlg_jax.cli import run
+
+    try:
+        code = run.main(["--data", str(CIFAR), "--out", str(tmp_path / "o"), *flags])
+    except SystemExit as exit:
+        code = exit.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and fragment in err[0], err
+
+
+@pytest.mark.skipif(not CIFAR.exists(), reason="shared data missing")
+def test_a_fedavg_axis_of_local_steps_runs_as_one_sweep(tmp_path):
+    import json
+
+    from dlg_jax.cli import sweep
+
+    out = tmp_path / "fa"
+    assert sweep.main(["--data", str(CIFAR), "--indices", "0:1", "--steps", "2", "--lanes", "2", "--single-device",
+                       "--quiet", "--out", str(out), "--defense", "fedavg:1,3", "--fedavg-lr", "0.1", "--adaptive"]) == 0
+    for label in ("fedavg=1", "fedavg=3"):
+        row = json.loads((out / label / "results.jsonl").read_text())
+        assert row["defense"] == label and row["fedavg_lr"] == 0.1 and row["fedavg_batch"] is None
+
+
+@pytest.mark.skipif(not CIFAR.exists(), reason="shared data missing")
+def test_a_defense_study_is_one_command_over_kinds_with_processes(tmp_path, capsys):
+    """--defense-study: the undefended client and each defense alone, one program per kind, shared between two
+    worker processes (every other task of the whole list); rows per setting, one summary, and a rerun resumes."""
+    import json
+
+    from dlg_jax.cli import sweep
+
+    out = tmp_path / "study"
+    argv = ["--data", str(CIFAR), "--indices", "0:2", "--steps", "2", "--lanes", "2", "--quiet", "--out", str(out),
+            "--defense-study", "prune:0.1,0.5", "--defense-study", "fp16", "--processes", "2"]
+    assert sweep.main(argv) == 0
+    for setting in ("none", "prune=0.1", "prune=0.5", "fp16"):
+        rows = [json.loads(line) for f in sorted((out / setting).glob("results.p*.jsonl"))
+                for line in f.read_text().splitlines()]
+        assert sorted(r["index"] for r in rows) == [0, 1], setting
+        assert {r["defense"] or "none" for r in rows} == {setting}
+    assert len(list(out.glob("*/results.p1.jsonl"))) >= 1  # the second worker wrote rows too
+    summary = (out / "summary.md").read_text()
+    assert all(f"| {s} |" in summary for s in ("none", "prune=0.1", "prune=0.5", "fp16")) and "attacks/hour" in summary
+    capsys.readouterr()
+    assert sweep.main(argv) == 0  # a rerun: nothing left to attack, the same rows
+    assert sum(len(f.read_text().splitlines()) for f in out.glob("*/results.p*.jsonl")) == 8
+    assert sweep.main(argv[:-4] + ["--defense-study", "prune:0.1", "--defense", "fp16"]) == 2
+    assert "leave out --defense" in capsys.readouterr().err

@@ -57,7 +57,8 @@ def case_from_args(args, dataset, config):
     try:
         with precision_scope(config):
             return build(args.model, dataset.num_classes, dataset.image_shape, args.model_seed, config.dtype,
-                         defenses=defenses, dp_clip=getattr(args, "dp_clip", 1.0), checkpoint=args.checkpoint)
+                         defenses=defenses, dp_clip=getattr(args, "dp_clip", 1.0), checkpoint=args.checkpoint,
+                         local=local_training(args))
     except ValueError as error:
         raise UsageError(f"--{'checkpoint' if 'checkpoint' in str(error) else 'model'}: {error}") from None
 
@@ -70,6 +71,11 @@ def add_defense_flags(parser: argparse.ArgumentParser, axis: bool) -> None:
                        help=f"applied to the shared gradient, in the order given (repeatable): {', '.join(KINDS)}; "
                             "e.g. gauss:1e-3 (variance), prune:0.2 (fraction zeroed), dp:1.0 (noise multiplier), fp16"
                             + ("; several strengths, prune:0.01,0.1,0.2, are an axis of the sweep" if axis else ""))
+    if axis:
+        group.add_argument("--defense-study", action="append", default=[], metavar="NAME[:S1,S2,...]",
+                           help="a study in one command: the undefended client, then each of these defenses alone at "
+                                "each of its strengths (repeatable; one compiled program per defense), DIR/<setting> "
+                                "each (DIR/none: no defense)")
     group.add_argument("--adaptive", action="store_true", default=None,
                        help="the attacker models the defenses: matches only the shared entries (pruning), in the "
                             "shared precision (casts, int8), clips its dummy (dp), stops at the noise floor")
@@ -79,6 +85,10 @@ def add_defense_flags(parser: argparse.ArgumentParser, axis: bool) -> None:
     group.add_argument("--dp-rate", type=float, default=0.01,
                        help="dp: the run's sampling rate, batch / dataset size (default 0.01: batch 500 of 50,000)")
     group.add_argument("--dp-delta", type=float, default=1e-5, help="dp: the run's delta (default 1e-5)")
+    group.add_argument("--fedavg-lr", type=positive_float, default=0.01,
+                       help="fedavg:K (K local SGD steps, the weight difference shared): their learning rate (default 0.01)")
+    group.add_argument("--fedavg-batch", type=positive_int, default=None,
+                       help="fedavg: examples per local step, in order (default: all of the client's at every step)")
 
 
 def defenses_from_args(args, batch_size: int, axis: bool) -> list:
@@ -94,8 +104,20 @@ def defenses_from_args(args, batch_size: int, axis: bool) -> list:
                 raise UsageError(f"--defense {spec}: one strength per run (a list of them is for dlg_jax.sweep)")
     if any(d.name == "dp" for d in parsed):
         D.check_run(dp_run(args), batch_size)
+    local_batch = getattr(args, "fedavg_batch", None)
+    if any(d.name == "fedavg" for d in parsed) and local_batch is not None and batch_size % local_batch:
+        raise UsageError(f"--fedavg-batch {local_batch}: must divide the client's {batch_size} example(s)")
     args.defenses = parsed
     return parsed
+
+
+def local_training(args):
+    """FedAvg's client from the flags: --fedavg-lr, --fedavg-batch, unrolled to the largest fedavg:K asked for."""
+    from dlg_jax.defenses import LocalTraining
+
+    steps = [s for d in getattr(args, "defenses", None) or () if d.name == "fedavg" for s in d.strengths]
+    return LocalTraining(getattr(args, "fedavg_lr", 0.01), getattr(args, "fedavg_batch", None),
+                         int(max(steps, default=1)))
 
 
 def dp_run(args):
@@ -115,6 +137,9 @@ def defense_record(args, names, strengths) -> dict:
         run = dp_run(args)
         record.update(epsilon=D.epsilon(float(strengths[0]), run), dp_clip=args.dp_clip,
                       dp_run=dict(steps=run.steps, rate=run.rate, delta=run.delta))
+    if "fedavg" in names:
+        local = local_training(args)
+        record.update(fedavg_lr=local.learning_rate, fedavg_batch=local.batch)
     return record
 
 

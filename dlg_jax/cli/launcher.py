@@ -23,9 +23,10 @@ def _worker_setup(core: int) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
-def launch(args, argv: list[str], prog: str, results, total: int, summarise) -> int:
+def launch(args, argv: list[str], prog: str, dirs: list, total: int, summarise) -> int:
     """This command N times as workers, each pinned to one core with one CPU device and taking every N-th attack
-    (the host partition of --distributed, without jax.distributed), then one summary of all rows.
+    (the host partition of --distributed, without jax.distributed), then `summarise(dirs)` of all rows (`dirs`:
+    the sweep's ResultsDirs, one per defense setting of a defended sweep, which the bar counts rows in).
 
     Why: XLA runs the small operations of an attack on one thread, so a core needs a device (or a process) of its
     own. Two devices in one process get 1.9x from the second core, two processes 2x
@@ -50,16 +51,18 @@ def launch(args, argv: list[str], prog: str, results, total: int, summarise) -> 
             print(f"{prog}: {args.processes} workers compiling, then attacking (the bar counts finished attacks) ...",
                   file=sys.stderr, flush=True)
         with tqdm(total=total, unit="attack", desc="sweep", disable=args.quiet, dynamic_ncols=True) as bar:
+            def count() -> int:
+                return sum(len(results.rows()) for results in dirs if results.path.exists())
+
             while any(w.poll() is None for w in workers):
                 time.sleep(1.0)
-                if results.path.exists():
-                    bar.update(len(results.rows()) - bar.n)
-            bar.update(len(results.rows()) - bar.n)
+                bar.update(count() - bar.n)
+            bar.update(count() - bar.n)
         for w, log in zip(workers, logs):
             if w.returncode != 0:
                 log.seek(0)
                 lines = [line for line in log.read().splitlines() if line.strip()]
                 print(lines[-1] if lines else f"{prog}: a worker failed (exit {w.returncode})", file=sys.stderr)
                 return 2 if w.returncode == 2 else 1
-    summarise(results)
+    summarise(dirs)
     return 0

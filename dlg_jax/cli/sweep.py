@@ -200,9 +200,7 @@ def _main(args, argv, prog: str) -> int:
 
         return text_sweep(args, prog)
     config, note = _config(args)
-    defenses_from_args(args, args.batch_size, axis=True)
-    if args.defenses and (args.processes > 1 or args.distributed or args.worker is not None):
-        raise UsageError("--defense: one process per sweep for now (not with --processes or --distributed)")
+    families = defense_families(args)
     indices = parse_range(args.indices, "--indices")
     seeds = parse_range(args.seeds, "--seeds")
     bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
@@ -219,19 +217,31 @@ def _main(args, argv, prog: str) -> int:
 
     devices = 1 if args.processes > 1 or args.worker is not None else len(jax.local_devices())
     identity, provenance = _identity(args, dataset, config, devices)
-    if args.defenses:
-        return _defended(args, prog, dataset, position, config, identity, provenance, indices, seeds)
     if args.processes > 1 and args.worker is None:
         if args.distributed:
             raise UsageError("--processes and --distributed: choose one")
         from dlg_jax.cli.launcher import launch
 
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if families:
+            plans = _plans(args, families, identity, provenance, 0, 1)
+            dirs = [results for _, route in plans for results, _ in route.values()]
+            for results in dirs:
+                results.check_writable()
+                results.lock("exclusive")  # held while the workers run: no other sweep in DIR meanwhile
+            total = len(batches(indices, args.batch_size)) * len(seeds) * len(dirs)
+            return launch(args, argv, prog, dirs, total,
+                          lambda _: _defended_summaries(args, plans, len(batches(indices, args.batch_size)),
+                                                        len(seeds), config.adaptive))
         results = ResultsDir(Path(args.out), identity, provenance=provenance)  # refuses another configuration
         results.check_writable()
         results.lock("exclusive")  # held while the workers run: no other sweep in DIR meanwhile
         total = len(indices) // args.batch_size * len(seeds)
-        return launch(args, list(sys.argv[1:] if argv is None else argv), prog, results, total, _summarise)
+        return launch(args, argv, prog, [results], total, lambda dirs: _summarise(dirs[0]))
     host, hosts = _hosts(args)
+    if families:
+        return _defended(args, prog, dataset, position, config, identity, provenance, indices, seeds, families,
+                         host, hosts)
     results = ResultsDir(Path(args.out), identity, host, hosts, provenance=provenance)
     members = batches(indices, args.batch_size)
     share = [(i, s) for i in members for s in seeds][host::hosts]  # fixed before looking at DIR: hosts agree
@@ -260,42 +270,111 @@ def _main(args, argv, prog: str) -> int:
     return 0
 
 
-def _defended(args, prog, dataset, position, config, identity: dict, provenance: dict, indices, seeds) -> int:
-    """A sweep of a defended client: every combination of the --defense strengths (their product, in order) is
-    a setting with its own directory DIR/<setting> (e.g. DIR/prune=0.1: rows, reconstructions, summary; its
-    identity includes the defense, so each resumes alone), and all of them run in one compiled program, each
-    task's strengths a per-lane array. DIR/summary.md: one line per setting."""
-    names = [d.name for d in args.defenses]
-    route = defended_route(args, lambda record: ResultsDir(Path(args.out) / record["defense"],
-                                                           dict(identity, defense=record), provenance=provenance))
-    members = batches(indices, args.batch_size)
+def defense_families(args) -> list[list]:
+    """The defended clients a sweep attacks, each a chain of `dlg_jax.defenses.Defense` (one compiled program
+    each): `--defense` (one chain, its strengths' product an axis), or with `--defense-study` the undefended
+    client and every study spec alone (a union: `--defense-study prune:0.1,0.5 --defense-study fp16` is three
+    settings and the baseline). [] for an undefended sweep."""
+    from dlg_jax import defenses as D
 
-    def pending_tasks():
+    if not args.defense_study:
+        return [defenses_from_args(args, args.batch_size, axis=True)] if args.defense else []
+    if args.defense:
+        raise UsageError("--defense-study: each study setting is one defense alone; leave out --defense")
+    families = [[]]
+    for spec in args.defense_study:
+        args.defense = [spec]
+        try:
+            families.append(defenses_from_args(args, args.batch_size, axis=True))
+        except UsageError as error:
+            raise UsageError(str(error).replace("--defense ", "--defense-study ", 1)) from None
+    args.defense = []
+    names = [family[0].name for family in families[1:]]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UsageError(f"--defense-study {repeated[0]}: once (give all its strengths in one list)")
+    args.defenses = []
+    return families
+
+
+def _plans(args, families, identity: dict, provenance: dict, host: int, hosts: int) -> list:
+    """(family, route) for each defended client: route maps its strengths to (the setting's ResultsDir
+    DIR/<setting>, DIR/none for the undefended client, the record its rows carry)."""
+    plans = []
+    for family in families:
+        args.defenses = family
+
+        def results_for(record):
+            return ResultsDir(Path(args.out) / (record["defense"] or "none"), dict(identity, defense=record), host,
+                              hosts, provenance=provenance)
+
+        plans.append((family, defended_route(args, results_for)))
+    return plans
+
+
+def _defended(args, prog, dataset, position, config, identity: dict, provenance: dict, indices, seeds, families,
+              host: int = 0, hosts: int = 1) -> int:
+    """A sweep of defended clients: every combination of a chain's --defense strengths (their product, in order)
+    is a setting with its own directory DIR/<setting> (e.g. DIR/prune=0.1: rows, reconstructions, summary; its
+    identity includes the defense, so each resumes alone). A chain's settings run in one compiled program, each
+    task's strengths a per-lane array; a study (`--defense-study`) is one program per defense kind, run in
+    turn. With --processes / --distributed every host takes every hosts-th task of the whole list (fixed before
+    DIR is read, so hosts agree). DIR/summary.md: one line per setting."""
+    members = batches(indices, args.batch_size)
+    plans = _plans(args, families, identity, provenance, host, hosts)
+    everything = [(k, strengths, i, s) for k, (_, route) in enumerate(plans) for strengths in route
+                  for i in members for s in seeds]
+    share = set(everything[host::hosts])
+
+    def pending_tasks(k):
         out = []
-        for strengths, (results, _) in route.items():
+        for strengths, (results, _) in plans[k][1].items():
             done = {(r["index"], r["seed"]) for r in results.rows()}
-            out += [(i, s, strengths) for i in members for s in seeds if (i, s) not in done]
+            out += [(i, s, strengths) for i in members for s in seeds
+                    if (k, strengths, i, s) in share and (i, s) not in done]
         return out
 
-    pending = pending_tasks()
+    worker = args.worker is not None
+    for _, route in plans:
+        for results, _ in route.values():
+            results.open(lock="own" if worker else "shared" if args.distributed else "exclusive")
+    waiting = sum(len(pending_tasks(k)) for k in range(len(plans)))
+    if waiting < len(share) and not worker:
+        print(f"{prog}: resuming: {len(share) - waiting} done, {waiting} to go", file=sys.stderr, flush=True)
     enable_compilation_cache()
-    runner = _runner(args, dataset, config)
-    if pending:
+    for k, (family, route) in enumerate(plans):
+        pending = pending_tasks(k)
+        if not pending:
+            continue
+        args.defenses = family
+        runner = _runner(args, dataset, config)
         runner.compile(runner.lanes_for(len(pending), args.lanes))
-    for results, _ in route.values():
-        results.open(lock="exclusive")
-    total = len(members) * len(seeds) * len(route)
-    pending = pending_tasks()
-    if len(pending) < total:
-        print(f"{prog}: resuming: {total - len(pending)} done, {len(pending)} to go", file=sys.stderr, flush=True)
-    _run(args, runner, dataset, position, members, pending, route)
-    summaries = {record["defense"]: report.write(results.path, results.rows(), results.identity)
-                 for results, record in route.values()}
-    lines = defended_summary(route, summaries, names, len(members), len(seeds), config.adaptive)
+        _run(args, runner, dataset, position, members, pending, route)
+    if hosts > 1:
+        if args.distributed:
+            with contextlib.suppress(Exception):
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("dlg_jax.sweep done")
+        if host != 0 or worker:  # --processes: the launcher summarises
+            return 0
+    _defended_summaries(args, plans, len(members), len(seeds), config.adaptive)
+    return 0
+
+
+def _defended_summaries(args, plans, images: int, seeds: int, adaptive: bool) -> None:
+    """Each setting's summary files, DIR/summary.md (one line per setting) and DIR/settings.json."""
+    route = {(k, strengths): entry for k, (_, r) in enumerate(plans) for strengths, entry in r.items()}
+    summaries = {}
+    for results, record in route.values():
+        pace = max(results.seconds_by_file().values(), default=None)  # one file per worker: the slowest's
+        summaries[record["defense"]] = report.write(results.path, results.rows(), results.identity,
+                                                    attack_seconds=pace)
+    names = sorted({d.name for family, _ in plans for d in family}, key=[d.name for f, _ in plans for d in f].index)
+    lines = defended_summary(route, summaries, names, images, seeds, adaptive, study=bool(args.defense_study))
     write_atomic(Path(args.out) / "summary.md", "\n".join(lines) + "\n")
     write_atomic(Path(args.out) / "settings.json", dumps([record for _, record in route.values()], indent=2) + "\n")
     print("\n".join(lines[4:]))
-    return 0
 
 
 def defended_route(args, results_for) -> dict:
@@ -309,18 +388,31 @@ def defended_route(args, results_for) -> dict:
     return route
 
 
-def defended_summary(route: dict, summaries: dict, names, images: int, seeds: int, adaptive: bool) -> list[str]:
-    """summary.md of a defended sweep: one line per setting (`summaries`: setting -> report.summarise's)."""
-    lines = ["# Defended sweep", "", f"{len(route)} settings of {' then '.join(names)}, {images} image(s) x "
-             f"{seeds} seed(s) each; attack {'adaptive' if adaptive else 'naive'}.", "",
+def defended_summary(route: dict, summaries: dict, names, images: int, seeds: int, adaptive: bool,
+                     study: bool = False) -> list[str]:
+    """summary.md of a defended sweep: one line per setting (`summaries`: setting -> report.summarise's), and the
+    whole sweep's attacks per hour (its rows over the attack time of its slowest worker, summed over settings)."""
+    described = (f"a study of {', '.join(names)}, each alone, and the undefended client" if study
+                 else f"{' then '.join(names)}")
+    lines = ["# Defended sweep", "", f"{len(route)} settings ({described}), {images} image(s) x {seeds} seed(s) "
+             f"each; attack {'adaptive' if adaptive else 'naive'}.", "",
              f"| setting | epsilon | attacks | PSNR >= {report.SUCCESS_DB:.0f} dB | median PSNR | mean PSNR | attacks/hour |",
              "|---|---|---|---|---|---|---|"]
-    for _, record in route.values():
+    rows, pace = 0, {}
+    for results, record in route.values():
         summary = summaries[record["defense"]]
         if summary["rows"]:
             eps = "" if record["epsilon"] is None else f"{record['epsilon']:.3g}"
-            lines.append(f"| {record['defense']} | {eps} | {summary['rows']} | {100 * summary['success_rate']:.0f}% | "
-                         f"{summary['median_psnr']:.2f} | {summary['mean_psnr']:.2f} | {summary['attacks_per_hour']:.0f} |")
+            lines.append(f"| {record['defense'] or 'none'} | {eps} | {summary['rows']} | "
+                         f"{100 * summary['success_rate']:.0f}% | {summary['median_psnr']:.2f} | "
+                         f"{summary['mean_psnr']:.2f} | {summary['attacks_per_hour']:.0f} |")
+            rows += summary["rows"]
+            for name, seconds in results.seconds_by_file().items():
+                pace[name] = pace.get(name, 0.0) + seconds
+    if rows and pace:
+        hours = max(pace.values()) / 3600
+        lines += ["", f"All settings: {rows} attacks in {hours:.2f} h of attack time (the slowest of {len(pace)} "
+                  f"worker(s)): {rows / max(hours, 1e-12):.0f} attacks/hour."]
     return lines
 
 

@@ -58,7 +58,8 @@ def text_sweep(args, prog: str) -> int:
     if args.model not in TEXT_MODELS:
         raise UsageError(f"--model {args.model} reads images: a text sweep needs one of {', '.join(TEXT_MODELS)}")
     for flag, given in (("--processes", args.processes > 1), ("--distributed", args.distributed),
-                        ("--defense", bool(args.defense)), ("--checkpoint", bool(args.checkpoint)),
+                        ("--defense", bool(args.defense)), ("--defense-study", bool(args.defense_study)),
+                        ("--checkpoint", bool(args.checkpoint)),
                         ("--restarts", args.restarts != 1)):
         if given:
             raise UsageError(f"{flag} is an image-sweep flag: text attacks run one at a time")

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 
 from dlg_jax import defenses as defenses_lib
-from dlg_jax.client import client_gradient
 from dlg_jax.config import AttackConfig
 from dlg_jax.models import Model, get_model
 from dlg_jax.parts import dummies
@@ -38,11 +37,13 @@ class Case(NamedTuple):
     defenses: tuple = ()  # names of the client's defenses, in order (dlg_jax.defenses.KINDS)
     strengths: tuple = ()  # their strengths, unless a task brings its own (a sweep axis: one per lane)
     dp_clip: float = 1.0  # DP-SGD's per-example clip norm C (defense `dp`)
+    local: defenses_lib.LocalTraining = defenses_lib.LocalTraining()  # FedAvg's client (defense `fedavg`)
 
 
 def make_case(model: str, num_classes: int, input_shape: Sequence[int], model_seed: int = 1234,
               dtype=jnp.float32, transforms: Sequence[Callable] = (), defenses: Sequence[tuple[str, float]] = (),
-              dp_clip: float = 1.0, checkpoint: str | None = None) -> Case:
+              dp_clip: float = 1.0, checkpoint: str | None = None,
+              local: defenses_lib.LocalTraining = defenses_lib.LocalTraining()) -> Case:
     """The case: model `model` with weights from `model_seed`, or from a `checkpoint` file (dlg_jax.train's:
     its weights and running statistics), and the client's defenses."""
     spec = get_model(model, num_classes, input_shape)
@@ -53,7 +54,7 @@ def make_case(model: str, num_classes: int, input_shape: Sequence[int], model_se
     else:
         params = spec.init(model_seed, dtype)
     return Case(spec, params, tuple(transforms), tuple(n for n, _ in defenses),
-                tuple(float(s) for _, s in defenses), float(dp_clip))
+                tuple(float(s) for _, s in defenses), float(dp_clip), local)
 
 
 class Attack(NamedTuple):
@@ -91,11 +92,13 @@ def make_attack(case: Case, config: AttackConfig, batch_size: int = 1, solver=No
     model = case.model
     layout = dummies.layout((batch_size, *model.input_shape), model.num_classes, config.labels == "joint", config.dtype)
     dummy = dummies.DUMMIES[config.dummy]
-    gradient, compare = client_gradient, None
+    gradient, compare = None, None  # None: the client's plain gradient
     if config.adaptive and case.defenses:  # the attacker models the defenses it knows of (dlg_jax.defenses)
         compare = functools.partial(defenses_lib.adapt, case.defenses)
         if case.defenses[0] == "dp":  # its dummy's per-example gradients clipped alike, without the noise
             gradient = functools.partial(_clipped_gradient, clip=case.dp_clip)
+        elif case.defenses[0] == "fedavg":  # its dummy through the same local steps
+            gradient = functools.partial(_local_update, local=case.local)
     objective = functools.partial(gradient_matching, model=model, layout=layout, dummy=dummy,
                                   distance=DISTANCES[config.objective.distance],
                                   prior=PRIORS[config.objective.prior] if config.objective.tv_weight > 0 else None,
@@ -112,8 +115,12 @@ def _project_inputs(layout, project, z: jax.Array) -> jax.Array:
     return layout.ravel({**parts, "inputs": project(parts["inputs"])})
 
 
-def _clipped_gradient(model, params, inputs, soft_labels, *, clip: float):
+def _clipped_gradient(model, params, inputs, soft_labels, strengths, *, clip: float):
     return defenses_lib.dp_gradient(model, params, inputs, soft_labels, None, 0.0, clip, noise=False)
+
+
+def _local_update(model, params, inputs, soft_labels, strengths, *, local):
+    return defenses_lib.local_update(model, params, inputs, soft_labels, strengths[0], local)
 
 
 def make_problem(attack: Attack, inputs: jax.Array, labels: jax.Array, seed, strengths=None) -> Problem:
@@ -127,7 +134,7 @@ def make_problem(attack: Attack, inputs: jax.Array, labels: jax.Array, seed, str
     client_key = jax.random.fold_in(key, CLIENT_STREAM)
     soft = jax.nn.one_hot(labels, classes, dtype=dtype)
     shared = defenses_lib.share(case.model, case.params, jnp.asarray(inputs, dtype), soft, case.defenses, strengths,
-                                jax.random.fold_in(client_key, 1), case.dp_clip)
+                                jax.random.fold_in(client_key, 1), case.dp_clip, case.local)
     for k, transform in zip(jax.random.split(client_key, len(case.transforms)), case.transforms):
         shared = transform(k, shared)
     n = attack.batch_size
@@ -145,7 +152,7 @@ def make_problem(attack: Attack, inputs: jax.Array, labels: jax.Array, seed, str
         # target 0.819 (floor 0.850, d = 3,172, P = 85,036); at the bare floor the attack stopped at 13.6 dB
         # instead of 21.1 dB (10 images).
         target = target + floor * max(0.0, 1.0 - init.size / parameters)
-    return Problem(shared, known, init, jax.random.key_data(key), target)
+    return Problem(shared, known, init, jax.random.key_data(key), target, strengths)
 
 
 def precision_scope(config: AttackConfig) -> contextlib.ExitStack:

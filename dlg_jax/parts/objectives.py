@@ -73,21 +73,24 @@ class Problem(NamedTuple):
     init: jax.Array  # the first dummy, flat (the solver's vector: `Layout`)
     key: jax.Array  # raw key data: where retries draw their fresh dummies from
     target: jax.Array  # converged when D <= target (tolerance x ||shared gradient||^2)
+    strengths: jax.Array  # the client's defense strengths, as the attacker knows them (FedAvg's local steps)
 
 
 def gradient_matching(z: jax.Array, prior_weight: jax.Array, problem: Problem, params: Params, *, model, layout,
-                      dummy, distance, prior=None, gradient=client_gradient, compare=None) -> jax.Array:
+                      dummy, distance, prior=None, gradient=None, compare=None) -> jax.Array:
     """D(z) = distance(compare(gradient of the dummy), shared gradient) + prior_weight * prior(dummy inputs).
 
     z is the flat dummy: its inputs (decoded by the dummy parametrisation, e.g. sigmoid) and, for joint label
     recovery, label logits entering as their softmax; otherwise the labels read off the gradient are used.
-    `gradient` is the client's (DP-SGD's clipped one for an adaptive attack on it); `compare(dummy's, shared)`
+    `gradient(model, params, inputs, labels, strengths)` is the client's (None: `client_gradient`; for an
+    adaptive attack DP-SGD's clipped one, or FedAvg's local steps at the problem's strengths); `compare(dummy's, shared)`
     the adaptive attacker's view of the defenses (the pruned entries masked, the same cast; dlg_jax.defenses);
     `prior` an image prior (`PRIORS`), None for none.
     """
     parts = layout.unravel(z)
     inputs = dummy.decode(parts["inputs"])
     labels = jax.nn.softmax(parts["label_logits"]) if "label_logits" in parts else problem.known_labels
-    grads = gradient(model, params, inputs, labels)
+    grads = (client_gradient(model, params, inputs, labels) if gradient is None
+             else gradient(model, params, inputs, labels, problem.strengths))
     value = distance(grads if compare is None else compare(grads, problem.shared_grads), problem.shared_grads)
     return value if prior is None else value + prior_weight * prior(inputs)
