@@ -79,3 +79,23 @@ def test_mnist_seed_0_image_261_is_probed_by_evaluations_when_line_searches_fail
     outcome, _ = attack_one(make_case("lenet", 10, (28, 28, 1)), AttackConfig(), images, labels, seed=0)
     assert outcome.status == "converged" and outcome.attempts == 2 and outcome.label_pred == [5]
     assert matched_psnr(images / 255.0, outcome.reconstruction) >= 30
+
+
+def test_the_probe_measures_progress_above_the_noise_floor():
+    """An attempt from D = 10 that reaches D = 8.2 above a floor of 8.19 has cut D - floor 180-fold: not stalled;
+    with no floor (the raw D fell by a fifth) it is, and it starts again."""
+    import jax.numpy as jnp
+
+    from dlg_jax.parts import attempts as A
+
+    rules = A.Rules(max_iterations=100, max_evaluations=1000, probe_iteration=2, probe_evaluations=50,
+                    probe_reduction=1e-2, plateau_reduction=0.5, plateau_floor=1e3, retries=3, stages=1,
+                    stage_iterations=100, tv_weight=0.0)
+    z = jnp.zeros(3)
+    started, iterated = A.Step(jnp.array(True), jnp.array(False)), A.Step(jnp.array(False), jnp.array(True))
+    for floor, stalled in ((8.19, False), (0.0, True)):
+        target = jnp.asarray(floor + 1e-6)
+        a, again, _ = A.after_evaluation(rules, A.begin(z), started, z, jnp.asarray(10.0), 1, target, floor)
+        for k, value in enumerate((9.0, 8.2)):
+            a, again, _ = A.after_evaluation(rules, a, iterated, z, jnp.asarray(value), 2 + k, target, floor)
+        assert bool(again) == stalled and int(a.attempt) == int(stalled), floor

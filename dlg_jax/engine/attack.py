@@ -144,6 +144,7 @@ def make_problem(attack: Attack, inputs: jax.Array, labels: jax.Array, seed, str
         known = jnp.zeros((n, classes), dtype)
     target = config.rules.tolerance * sum(jnp.sum(g**2) for g in jax.tree.leaves(shared))
     init = dummies.first_start(key, attack.layout)
+    least = jnp.zeros((), dtype)
     if config.adaptive and config.objective.distance == "l2":  # stop at the noise's floor, not below it
         parameters = sum(g.size for g in jax.tree.leaves(shared))
         floor = defenses_lib.noise_floor(case.defenses, strengths, parameters, n, case.dp_clip)
@@ -151,8 +152,9 @@ def make_problem(attack: Attack, inputs: jax.Array, labels: jax.Array, seed, str
         # E min D = floor (1 - d / P). Measured: the naive attack under gauss 1e-5 ends at D = 0.819-0.821, this
         # target 0.819 (floor 0.850, d = 3,172, P = 85,036); at the bare floor the attack stopped at 13.6 dB
         # instead of 21.1 dB (10 images).
-        target = target + floor * max(0.0, 1.0 - init.size / parameters)
-    return Problem(shared, known, init, jax.random.key_data(key), target, strengths)
+        least = jnp.asarray(floor * max(0.0, 1.0 - init.size / parameters), dtype)
+        target = target + least
+    return Problem(shared, known, init, jax.random.key_data(key), target, strengths, least)
 
 
 def precision_scope(config: AttackConfig) -> contextlib.ExitStack:

@@ -126,7 +126,8 @@ class Engine:
                                            params)
         solver, step = attack.solver.tell(lane.solver, point, value, grad)
         progress, again, restart = rules_lib.after_evaluation(attack.rules, lane.progress, step, point, value,
-                                                              lane.progress.evaluations + 1, lane.problem.target)
+                                                              lane.progress.evaluations + 1, lane.problem.target,
+                                                              lane.problem.floor)
         progress = jax.tree.map(lambda new, old: jnp.where(live, new, old), progress, lane.progress)
         return lane._replace(solver=solver, progress=progress), again & live, restart & live, point
 

@@ -122,8 +122,14 @@ def restart_point(a: Attempt, again: jax.Array, point: jax.Array, key_data: jax.
 
 
 def after_evaluation(rules: Rules, a: Attempt, step: Step, point: jax.Array, value: jax.Array,
-                     evaluations: jax.Array, target: jax.Array) -> tuple[Attempt, jax.Array, jax.Array]:
+                     evaluations: jax.Array, target: jax.Array, floor=0.0) -> tuple[Attempt, jax.Array, jax.Array]:
     """The rules after an evaluation of D at `point` (`evaluations`: the attack's total, this one included).
+
+    `floor`: the least D the attacker expects (an adaptive attack on a noised gradient: the noise a dummy cannot
+    fit; 0 otherwise). The probe and the plateau rule measure progress as D - floor, since D itself cannot fall
+    below the floor. Compared raw, every adaptive attack under gauss 1e-4 and 1e-3 spent all 12 starts (CIFAR-100
+    images 0-3); measured above the floor they took 1-2, the median PSNR went 11.3 -> 12.1 dB at 1e-4 (7.8 -> 7.0
+    at 1e-3, where both fail) and the attacks per hour 660 -> 946.
 
     Returns the new progress, `again` (start a new attempt from a fresh dummy) and `restart` (the solver must
     start afresh: `again`, or a new prior stage from `point`).
@@ -144,9 +150,11 @@ def after_evaluation(rules: Rules, a: Attempt, step: Step, point: jax.Array, val
     checkpoint = step.iterated & ~step.started & (rules.probe_iteration > 0) & (
         (iterations - a.checkpoint_iterations >= rules.probe_iteration)
         | (evaluations - a.checkpoint_evaluations >= rules.probe_evaluations))
-    probe = (a.checkpoints == 0) & (value > rules.probe_reduction * attempt_value)
+    excess = value - floor
+    probe = (a.checkpoints == 0) & (excess > rules.probe_reduction * (attempt_value - floor))
     plateau = ((a.checkpoints > 0) & (rules.plateau_reduction > 0)
-               & (value > rules.plateau_reduction * a.checkpoint_value) & (value > rules.plateau_floor * target))
+               & (excess > rules.plateau_reduction * (a.checkpoint_value - floor))
+               & (excess > rules.plateau_floor * (target - floor)))
     stalled = checkpoint & (probe | plateau) & (a.attempt < rules.retries)
     spent_iterations = iterations >= rules.max_iterations
     iterate_status = jnp.select([~finite, (value <= target) & last_stage, stalled, spent_iterations],

@@ -74,6 +74,7 @@ class Problem(NamedTuple):
     key: jax.Array  # raw key data: where retries draw their fresh dummies from
     target: jax.Array  # converged when D <= target (tolerance x ||shared gradient||^2)
     strengths: jax.Array  # the client's defense strengths, as the attacker knows them (FedAvg's local steps)
+    floor: jax.Array  # the least D expected at the truth (adaptive attacks on noise; 0 otherwise): the rules' zero
 
 
 def gradient_matching(z: jax.Array, prior_weight: jax.Array, problem: Problem, params: Params, *, model, layout,

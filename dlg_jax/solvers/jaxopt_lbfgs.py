@@ -74,7 +74,8 @@ def advance(solver: jaxopt.LBFGS, rules: rules_lib.Rules, problem, params, layou
         weight = rules_lib.prior_weight(rules, c.attempt)
         state, step, point, used = jax.lax.cond(c.restart, lambda: begin(c.x, weight), lambda: iterate(c, weight))
         attempt, again, restart = rules_lib.after_evaluation(rules, c.attempt, step, point, state.value,
-                                                             c.attempt.evaluations + used, problem.target)
+                                                             c.attempt.evaluations + used, problem.target,
+                                                             problem.floor)
         return Carry(rules_lib.restart_point(attempt, again, point, problem.key, layout), state, attempt, restart)
 
     def going(c: Carry):
