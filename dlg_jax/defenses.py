@@ -149,15 +149,16 @@ def local_update(model, params, inputs, soft_labels, steps, local: LocalTraining
     if n % size:
         raise UsageError(f"--fedavg-batch {size}: must divide the client's {n} example(s)")
     blocks = n // size
-    lr = jnp.asarray(local.learning_rate, inputs.dtype)
-    steps = jnp.asarray(steps, inputs.dtype)
+    dtype = jax.tree.leaves(params)[0].dtype  # the weights' (a text model's inputs are token ids)
+    lr = jnp.asarray(local.learning_rate, dtype)
+    steps = jnp.asarray(steps, dtype)
 
     def step(weights, i):
         start = (i % blocks) * size
         x = jax.lax.dynamic_slice_in_dim(inputs, start, size)
         y = jax.lax.dynamic_slice_in_dim(soft_labels, start, size)
         g = client_gradient(model, weights, x, y)
-        on = i.astype(inputs.dtype) < steps
+        on = i.astype(dtype) < steps
         return _each(lambda w, d: jnp.where(on, w - lr * d, w), weights, g), None
 
     final, _ = jax.lax.scan(step, params, jnp.arange(max(1, local.max_steps)))

@@ -374,3 +374,20 @@ def test_a_defense_study_is_one_command_over_kinds_with_processes(tmp_path, caps
     assert sum(len(f.read_text().splitlines()) for f in out.glob("*/results.p*.jsonl")) == 8
     assert sweep.main(argv[:-4] + ["--defense-study", "prune:0.1", "--defense", "fp16"]) == 2
     assert "leave out --defense" in capsys.readouterr().err
+
+
+def test_fedavg_on_a_text_model_steps_in_the_weights_precision():
+    """A text client's inputs are token ids: the local steps' learning rate is the weights' float, not an int
+    (which would make every step zero and the shared update 0/0)."""
+    from dlg_jax.models import get_model
+
+    model = get_model("bert", 50, (6,))
+    params = model.init(0, jnp.float32)
+    ids = jnp.asarray([[3, 7, 9, 4, 2, 11]], jnp.int32)
+    soft = jax.nn.one_hot(ids, 50) * (jnp.arange(6) == 2)[None, :, None]
+    update = D.local_update(model, params, ids, soft, 2, D.LocalTraining(0.01, None, 2))
+    first = client_gradient(model, params, ids, soft)
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(update))
+    cosine = sum(jnp.vdot(u, g) for u, g in zip(jax.tree.leaves(update), jax.tree.leaves(first))) / jnp.sqrt(
+        sum(jnp.vdot(u, u) for u in jax.tree.leaves(update)) * sum(jnp.vdot(g, g) for g in jax.tree.leaves(first)))
+    assert 0.5 < float(cosine) < 1.0  # two small steps: near the first gradient, not equal to it
