@@ -74,6 +74,8 @@ class Rules:
     probe_reduction: float = 1e-2  # ...or it counts as stalled
     plateau_reduction: float = 0.5  # ...and by this much in every `probe_steps` after that (0: no plateau rule)...
     plateau_floor: float = 1e3  # ...while D > plateau_floor x the convergence target (near the float floor it may slow)
+    float64_retry: bool = True  # a float32 attack that ends on its budget unconverged runs again in float64
+    #                             (engine.scheduler.retry_in_float64: CIFAR-10 class 5, float32's floor)
 
     @property
     def max_retries(self) -> int:
@@ -213,7 +215,7 @@ PRESETS: dict[str, AttackConfig] = {
     "idlg": AttackConfig(labels="idlg"),
     # Batches of 2-8 images (docs/batches.md): analytic labels, sigmoid pixels, colour TV 1e-5 in 4 stages.
     "batch": AttackConfig(labels="idlg", dummy="sigmoid", objective=Objective(tv_weight=1e-5, tv_stages=4),
-                          rules=Rules(steps=600, retries=3, plateau_reduction=0.0)),
+                          rules=Rules(steps=600, retries=3, plateau_reduction=0.0, float64_retry=False)),
     # The reference procedure: torch.optim.LBFGS's semantics, one attempt, every step run (no early stop).
     "reference": AttackConfig(solver=Solver(optimizer="torch-lbfgs"), rules=Rules(retries=0, tolerance=0.0)),
     # Inverting Gradients (Geiping et al., 2020; inversefed's defaults): one cosine distance over all layers,

@@ -192,6 +192,12 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text == "on"
+
+
 def positive_float(text: str) -> float:
     value = non_negative_float(text)
     if value <= 0:
@@ -230,6 +236,9 @@ ATTACK_FLAGS = (
     ("--plateau-reduction", "plateau_reduction", dict(type=non_negative_float),
      "after the stall probe, an attempt must cut D to this fraction every 25 steps or start afresh (default 0.5; "
      "0: off, as in preset batch)"),
+    ("--float64-retry", "float64_retry", dict(type=on_off, metavar="{on,off}"),
+     "an attack that float32 leaves unconverged when its budget ends runs again in float64, and the lower gradient "
+     "distance is kept (default on; off in preset batch)"),
     ("--retries", "retries", dict(type=int), "fresh random starts after a stalled or diverged attempt (default: as many as the budget has room for, "
      "steps // 25 - 1; 3 in preset batch)"),
 )

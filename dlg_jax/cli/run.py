@@ -188,8 +188,14 @@ def _attack(args, prog, config, note, dataset, positions, indices, case, out: Pa
         if not args.quiet:
             print(f"compiling the attack ({config.solver.optimizer}, {len(positions)} image(s)) ...", flush=True)
 
+    def retrying(first) -> None:
+        if not args.quiet:
+            print(f"{first.status} in float32 at D = {first.grad_distance:.3g}: the attack again in float64 "
+                  "(--float64-retry off: not)", flush=True)
+
     outcome, trace = attack_one(case, config, dataset.images[positions], dataset.labels[positions], args.seed,
-                                on_step=show, snapshot_every=snapshot_every(config.rules.steps), on_compile=compiling)
+                                on_step=show, snapshot_every=snapshot_every(config.rules.steps), on_compile=compiling,
+                                on_retry=retrying)
     result = write_outputs(out, dataset, positions, indices, outcome, trace, config, args)
     labels = (f"label {result['label_pred']} (true {result['label_true']})" if "label_pred" in result
               else f"labels {100 * result['label_accuracy']:.0f}% right")

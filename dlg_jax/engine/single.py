@@ -20,7 +20,7 @@ import numpy as np
 from dlg_jax.engine.attack import Case, make_attack, make_problem, precision_scope
 from dlg_jax.engine.devices import compiler_options
 from dlg_jax.engine.lanes import NEVER, Engine
-from dlg_jax.engine.scheduler import Outcome, Task
+from dlg_jax.engine.scheduler import Outcome, Task, float64_case, keep_better, wants_float64_retry
 from dlg_jax.parts.attempts import RUNNING, STATUS_NAMES
 from dlg_jax.results.metrics import matched_psnr
 
@@ -55,11 +55,28 @@ def predict_missing_labels(case: Case, images: np.ndarray, labels: np.ndarray, d
 
 def attack_one(case: Case, config, images: np.ndarray, labels: np.ndarray, seed: int = 1234,
                on_step: Callable[[dict], None] | None = None, snapshot_every: int = 10,
-               on_compile: Callable[[], None] | None = None) -> tuple[Outcome, Trace]:
+               on_compile: Callable[[], None] | None = None,
+               on_retry: Callable[[Outcome], None] | None = None) -> tuple[Outcome, Trace]:
     """Attack the shared gradient of a batch of private images (uint8 (N, H, W, C); labels -1: the model's
     prediction). `on_step` gets {step, value, evaluations, status, stopped} every `snapshot_every` steps and at
     the last; `on_compile` is called before compiling. The trace has D per step and the PSNR of the current
-    dummy against the private images (matched, as `judge` does) per step."""
+    dummy against the private images (matched, as `judge` does) per step. An attack float32 leaves unconverged
+    runs again in float64 (`scheduler.wants_float64_retry`; `on_retry(first outcome)` is called before it): the
+    one with the lower D is returned with its trace, with the time of both."""
+    outcome, trace = _attack_once(case, config, images, labels, seed, on_step, snapshot_every, on_compile)
+    if not wants_float64_retry(config, outcome):
+        return outcome, trace
+    if on_retry:
+        on_retry(outcome)
+    config64 = config.override(precision="float64")
+    with precision_scope(config64):
+        case64 = float64_case(case)
+    retried, retried_trace = _attack_once(case64, config64, images, labels, seed, on_step, snapshot_every, None)
+    kept = keep_better(outcome, retried)
+    return kept, (retried_trace if kept.precision == "float64" else trace)
+
+
+def _attack_once(case: Case, config, images, labels, seed, on_step, snapshot_every, on_compile):
     with precision_scope(config):
         labels = predict_missing_labels(case, images, labels, config.dtype)
         score = functools.partial(matched_psnr, np.asarray(images) / 255.0)
@@ -120,7 +137,8 @@ def _outcome(config, labels, out: dict, seconds: float, compile_seconds: float, 
                    grad_distance=float(out["grad_distance"]), status=STATUS_NAMES[int(out["status"])],
                    attempts=int(out["attempts"]), iterations=iterations,
                    steps=-(-iterations // config.rules.iterations_per_step), evaluations=int(out["evaluations"]),
-                   seconds=seconds, compile_seconds=compile_seconds, restart_distances=[float(out["grad_distance"])])
+                   seconds=seconds, compile_seconds=compile_seconds, restart_distances=[float(out["grad_distance"])],
+                   precision=config.precision)
 
 
 def _jaxopt(case: Case, config, images, labels, seed, on_step, every, score):
