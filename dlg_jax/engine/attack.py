@@ -85,7 +85,7 @@ class Attack(NamedTuple):
         return dict(inputs=self.inputs(progress.best), current=self.inputs(progress.current),
                     label_pred=self.labels(progress.best, problem), grad_distance=progress.best_value,
                     status=progress.status, attempts=progress.attempt + 1, iterations=progress.iterations,
-                    evaluations=progress.evaluations)
+                    evaluations=progress.evaluations, target=problem.target)
 
 
 def make_attack(case: Case, config: AttackConfig, batch_size: int = 1, solver=None) -> Attack:

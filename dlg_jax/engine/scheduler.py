@@ -56,6 +56,7 @@ class Outcome:
     restart: int = 0
     restart_distances: list[float] = dataclasses.field(default_factory=list)
     precision: str = "float32"  # of the attack kept: float64 when the float64 retry did better
+    target: float = float("nan")  # the convergence target of D (the kept restart's)
 
     def result(self, *more: str) -> dict:
         """The row keys this outcome fills: `RESULT_KEYS`, then `more`."""
@@ -228,7 +229,7 @@ class Sweep:
                        steps=-(-iterations // self.config.rules.iterations_per_step),
                        evaluations=int(kept["evaluations"]), seconds=float(seconds),
                        compile_seconds=self.compile_seconds, restart=best, restart_distances=distances,
-                       precision=self.config.precision)
+                       precision=self.config.precision, target=float(kept["target"]))
 
 
 # ---- the float64 retry
@@ -237,8 +238,10 @@ UNCONVERGED = ("max_steps", "max_evaluations")
 
 
 def wants_float64_retry(config, outcome: Outcome) -> bool:
-    """An attack float32 left unconverged when its budget ended (not one that diverged), with a convergence
-    target to reach (tolerance > 0) and the retry on (`Rules.float64_retry`).
+    """An attack float32 left unconverged when its budget ended (not one that diverged) within `plateau_floor`
+    (1e3) times its convergence target, where float32's rounding slows a converging attack (a stuck one, further
+    off, gains nothing from float64), with a target to reach (tolerance > 0) and the retry on
+    (`Rules.float64_retry`).
 
     Why: on CIFAR-10 the seeded LeNet predicts class 5 for every image (p ~ 0.84), so a class-5 image's
     gradient is ~50x weaker (squared norm 15 against 660-960) and its attack descends slowly to float32's
@@ -246,7 +249,7 @@ def wants_float64_retry(config, outcome: Outcome) -> bool:
     31-39 dB within the same budget (experiments/results/cifar10_class5.md). float64 costs 1.55x an attack
     (CIFAR-100, median), so it is spent only where float32 fell short."""
     return (config.rules.float64_retry and config.precision == "float32" and config.rules.tolerance > 0
-            and outcome.status in UNCONVERGED)
+            and outcome.status in UNCONVERGED and outcome.grad_distance <= config.rules.plateau_floor * outcome.target)
 
 
 def keep_better(first: Outcome, retry: Outcome) -> Outcome:

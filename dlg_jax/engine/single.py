@@ -138,7 +138,7 @@ def _outcome(config, labels, out: dict, seconds: float, compile_seconds: float, 
                    attempts=int(out["attempts"]), iterations=iterations,
                    steps=-(-iterations // config.rules.iterations_per_step), evaluations=int(out["evaluations"]),
                    seconds=seconds, compile_seconds=compile_seconds, restart_distances=[float(out["grad_distance"])],
-                   precision=config.precision)
+                   precision=config.precision, target=float(out["target"]))
 
 
 def _jaxopt(case: Case, config, images, labels, seed, on_step, every, score):
