@@ -154,7 +154,10 @@ def make_problem(attack: Attack, inputs: jax.Array, labels: jax.Array, seed, str
         # instead of 21.1 dB (10 images).
         least = jnp.asarray(floor * max(0.0, 1.0 - init.size / parameters), dtype)
         target = target + least
-    return Problem(shared, known, init, jax.random.key_data(key), target, strengths, least)
+    # at least one strength: a lane's zero-size array came back from `fill` sharded unlike what `run` was
+    # compiled for (8 CPU devices: "input shardings that disagree")
+    known_strengths = strengths if strengths.size else jnp.zeros(1, dtype)
+    return Problem(shared, known, init, jax.random.key_data(key), target, known_strengths, least)
 
 
 def precision_scope(config: AttackConfig) -> contextlib.ExitStack:
