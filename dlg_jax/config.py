@@ -75,7 +75,7 @@ class Rules:
     plateau_reduction: float = 0.5  # ...and by this much in every `probe_steps` after that (0: no plateau rule)...
     plateau_floor: float = 1e3  # ...while D > plateau_floor x the convergence target (near the float floor it may slow)
     float64_retry: bool = True  # a float32 attack that ends on its budget unconverged runs again in float64
-    #                             (engine.scheduler.retry_in_float64: CIFAR-10 class 5, float32's floor)
+    #                             (engine.scheduler.wants_float64_retry: CIFAR-10 class 5, float32's floor)
 
     @property
     def max_retries(self) -> int:

@@ -57,7 +57,7 @@ class Kind(NamedTuple):
     open_high: bool = False
     strength: bool = True  # False: the kind takes no strength (casts, int8)
     integer: bool = False  # the strength is a count (fedavg's local steps)
-    replaces: bool = False  # it replaces the client's gradient (`client_update`), so it comes first in a chain
+    replaces: bool = False  # it replaces the client's gradient (in `share`), so it comes first in a chain
 
 
 def _each(f: Callable, *trees):

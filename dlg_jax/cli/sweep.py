@@ -275,8 +275,6 @@ def defense_families(args) -> list[list]:
     each): `--defense` (one chain, its strengths' product an axis), or with `--defense-study` the undefended
     client and every study spec alone (a union: `--defense-study prune:0.1,0.5 --defense-study fp16` is three
     settings and the baseline). [] for an undefended sweep."""
-    from dlg_jax import defenses as D
-
     if not args.defense_study:
         return [defenses_from_args(args, args.batch_size, axis=True)] if args.defense else []
     if args.defense:

@@ -77,6 +77,7 @@ class Sweep:
         with precision_scope(config):
             self.engine = Engine(make_attack(case, config, batch_size), devices, lane_by_lane)
         self.compile_seconds = 0.0
+        self._retry: Sweep | None = None  # the float64 twin, built when an attack first needs the retry
 
     def lanes_for(self, tasks: int, lanes: int) -> int:
         """Lanes of the program for `tasks` tasks: `lanes`, or fewer when there is less work, rounded up to a
@@ -109,8 +110,9 @@ class Sweep:
         deferred: list[Outcome] = []  # unconverged in float32: retried in float64 before they are delivered
 
         def deliver(finished: list[Outcome]) -> None:
-            keep = [o for o in finished if not wants_float64_retry(self.config, o)]
-            deferred.extend(o for o in finished if wants_float64_retry(self.config, o))
+            retry = [wants_float64_retry(self.config, o) for o in finished]
+            keep = [o for o, later in zip(finished, retry) if not later]
+            deferred.extend(o for o, later in zip(finished, retry) if later)
             if keep and on_results:
                 on_results(keep)
 
@@ -133,7 +135,7 @@ class Sweep:
 
     def _float64(self) -> "Sweep":
         """The same case and attack in float64 (the weights cast, so the model is the same one)."""
-        if getattr(self, "_retry", None) is None:
+        if self._retry is None:
             config = self.config.override(precision="float64")
             with precision_scope(config):
                 self._retry = Sweep(float64_case(self.engine.attack.case), config, restarts=self.restarts,
